@@ -1,0 +1,88 @@
+"""Kiln's pass pipeline, as named steps shared by compile and tune.
+
+    imported Relax ──prepare──▶ graph-optimised Relax ──fuse──▶ fused TIR kernels
+                  ──schedule──▶ scheduled kernels ──build──▶ executable
+
+``prepare`` and ``fuse`` are deterministic functions of (module, target): tuning extracts its tasks
+from the output of ``fuse`` and compiling applies records to that very output, so the structural
+hashes MetaSchedule keys its records by always match (see DEVELOPERS.md).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import tvm
+from tvm import relax
+
+from targets import TargetDescription
+
+from . import graph_passes
+
+log = logging.getLogger(__name__)
+
+
+def prepare(mod: tvm.IRModule, target: TargetDescription) -> tvm.IRModule:
+    """Graph-level optimisation on Relax: inference decompositions, constant folding, BatchNorm and
+    per-channel affine folding into convolutions, and the target's preferred data layouts."""
+    import schedules
+
+    steps = [
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.FoldConstant(),
+        graph_passes.FoldAffineIntoConv,
+        relax.transform.FoldConstant(),
+    ]
+    layouts = schedules.preferred_layouts(target)
+    if layouts:
+        steps += [relax.transform.ConvertLayout(layouts), relax.transform.FoldConstant()]
+    steps += [relax.transform.DeadCodeElimination(), relax.transform.CanonicalizeBindings()]
+    with target.to_tvm():
+        return tvm.transform.Sequential(steps, name="kiln.prepare")(mod)
+
+
+def fuse(mod: tvm.IRModule, target: TargetDescription) -> tvm.IRModule:
+    """Lower Relax operators to TIR and fuse producers with their elementwise consumers.
+    The fused PrimFuncs are the kernels that tuning and default schedules work on."""
+    steps = [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ]
+    with target.to_tvm():
+        return tvm.transform.Sequential(steps, name="kiln.fuse")(mod)
+
+
+def schedule(mod: tvm.IRModule, target: TargetDescription, database=None) -> tvm.IRModule:
+    """Apply tuning records from ``database`` (a MetaSchedule database) where they exist, then
+    Kiln's default schedule for every kernel still unscheduled."""
+    import schedules
+
+    steps = []
+    if database is not None:
+        from tvm.s_tir import meta_schedule as ms
+
+        with target.to_tvm(), database:
+            mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+    steps.append(schedules.default_schedule_pass(target))
+    with target.to_tvm():
+        return tvm.transform.Sequential(steps, name="kiln.schedule")(mod)
+
+
+def build(mod: tvm.IRModule, target: TargetDescription) -> relax.VMExecutable:
+    """Lower the scheduled module to a VM executable (memory planning, codegen)."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    tvm_target = target.to_tvm()
+    relax_pipeline = tvm.transform.Sequential(
+        cpu.library_dispatch_passes(tvm_target)
+        + cpu.dataflow_lower_passes(tvm_target)
+        + cpu.finalize_passes(tvm_target),
+        name="kiln.finalize",
+    )
+    with tvm_target:
+        return tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline)

@@ -1,0 +1,37 @@
+"""Default schedules: every fused kernel gets a real schedule for its target, no tuning needed.
+
+Two entry points are used by ``compiler.pipeline``:
+
+* :func:`preferred_layouts` — the data/kernel layouts Kiln converts convolutions to before lowering
+  (passed to ``relax.transform.ConvertLayout``), or ``None`` to keep the model's layouts.
+* :func:`default_schedule_pass` — a pass over the fused module that schedules every PrimFunc not
+  already scheduled (functions carrying ``tirx.is_scheduled``, e.g. from tuning records, are skipped).
+
+Per-family rules live in sub-packages (``schedules.x86``); each rule is a DLight ``ScheduleRule``.
+"""
+
+from __future__ import annotations
+
+import tvm
+
+from targets import TargetDescription
+
+
+def preferred_layouts(target: TargetDescription) -> dict[str, list[str]] | None:
+    """Layouts for ``ConvertLayout`` on ``target`` (``None``: leave the model's layouts alone)."""
+    if target.family == "x86":
+        from . import x86
+
+        return x86.PREFERRED_LAYOUTS
+    return None
+
+
+def default_schedule_pass(target: TargetDescription) -> tvm.transform.Pass:
+    """The pass that gives every unscheduled kernel a default schedule for ``target``."""
+    from tvm.s_tir import dlight as dl
+
+    if target.family == "x86":
+        from . import x86
+
+        return dl.ApplyDefaultSchedule(*x86.rules())
+    return tvm.transform.Sequential([])

@@ -1,0 +1,13 @@
+"""Placeholder until the conv schedule lands (see helper work)."""
+from tvm.s_tir.dlight import ScheduleRule
+
+
+
+class Elementwise(ScheduleRule):
+    def apply(self, func, target, tunable):
+        return None
+
+
+class Fallback(ScheduleRule):
+    def apply(self, func, target, tunable):
+        return None

@@ -1,0 +1,227 @@
+"""Target descriptions as frozen data.
+
+Each ``*.toml`` file in this folder describes one target. A description names everything a
+compile, a tuning run or a deployment needs to know about a device: the LLVM triple and CPU, the
+ISA features, cores, vector width, cache sizes, memory limits, the cross compiler and how to reach
+a device. Descriptions are immutable; variants are made with :func:`dataclasses.replace`.
+
+The special description ``x86`` (``host.toml``) is completed at load time from the machine Kiln runs
+on: CPU name from LLVM, features from ``/proc/cpuinfo``, core count from the OS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+_DIR = Path(__file__).resolve().parent
+
+#: Fields that change generated code; the tuning-log key (fingerprint) is computed from these.
+_CODEGEN_FIELDS = ("kind", "triple", "cpu", "features", "cores", "vector_bits", "arch", "float_abi")
+
+
+@dataclass(frozen=True)
+class TargetDescription:
+    """One compilation target. Load with :func:`get`; never mutate (it is frozen)."""
+
+    name: str
+    family: str  # "x86", "arm", "cuda", "mcu"
+    kind: str  # TVM target kind: "llvm", "cuda", "c"
+    description: str = ""
+    triple: str = ""
+    cpu: str = ""
+    features: tuple[str, ...] = ()
+    cores: int = 1
+    vector_bits: int = 128
+    l1d_kb: int = 0
+    l2_kb: int = 0
+    l3_kb: int = 0
+    flash_kb: int = 0  # microcontrollers: 0 means no limit
+    ram_kb: int = 0
+    arch: str = ""  # CUDA: "sm_90"
+    float_abi: str = ""  # ARM: "hard" / "soft"
+    cross_compiler: str = ""  # "" means the host compiler
+    remote: str = "local"  # how to reach a device: "local", "rpc", "qemu-aarch64", "qemu-system-arm"
+    host: bool = False  # completed from the machine Kiln runs on
+    aliases: tuple[str, ...] = ()
+    llvm_mattr: tuple[str, ...] = field(default=(), repr=False)
+
+    # -- derived -------------------------------------------------------------------------------
+    def has(self, feature: str) -> bool:
+        """True when the target lists ``feature`` (e.g. ``"avx512f"``, ``"neon"``, ``"dotprod"``)."""
+        return feature in self.features
+
+    @property
+    def is_cross(self) -> bool:
+        """True when code for this target cannot run on the machine Kiln runs on."""
+        if self.kind == "cuda":
+            return False
+        return not self.triple.startswith("x86_64")
+
+    def fingerprint(self) -> str:
+        """A short stable hash of the fields that change generated code (keys tuning logs)."""
+        blob = json.dumps({k: _jsonable(getattr(self, k)) for k in _CODEGEN_FIELDS}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def to_tvm(self):
+        """The ``tvm.target.Target`` this description compiles for."""
+        import tvm  # TVM is imported lazily: listing targets must not pay for it
+
+        if self.kind == "llvm":
+            cfg: dict[str, Any] = {"kind": "llvm", "num-cores": self.cores}
+            if self.triple:
+                cfg["mtriple"] = self.triple
+            if self.cpu:
+                cfg["mcpu"] = self.cpu
+            if self.llvm_mattr:
+                cfg["mattr"] = list(self.llvm_mattr)
+            if self.float_abi:
+                cfg["mfloat-abi"] = self.float_abi
+            return tvm.target.Target(cfg)
+        if self.kind == "cuda":
+            return tvm.target.Target({"kind": "cuda", "arch": self.arch}, host=host_description().to_tvm())
+        if self.kind == "c":
+            return tvm.target.Target({"kind": "c", "mcpu": self.cpu} if self.cpu else {"kind": "c"})
+        raise ValueError(f"target {self.name!r} has unknown kind {self.kind!r}")
+
+    def to_json(self) -> dict:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "TargetDescription":
+        return _from_mapping(data, source="<json>")
+
+
+def _jsonable(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _from_mapping(data: Mapping[str, Any], source: str) -> TargetDescription:
+    from compiler.errors import TargetError
+
+    names = {f.name for f in dataclasses.fields(TargetDescription)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise TargetError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    for required in ("name", "family", "kind"):
+        if required not in data:
+            raise TargetError(f"{source}: missing required key {required!r}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return TargetDescription(**kwargs)
+
+
+# -- host detection ----------------------------------------------------------------------------
+_X86_FLAG_MAP = {  # /proc/cpuinfo flag -> Kiln feature name
+    "avx2": "avx2",
+    "fma": "fma",
+    "avx512f": "avx512f",
+    "avx512bw": "avx512bw",
+    "avx512vl": "avx512vl",
+    "avx512_vnni": "avx512vnni",
+    "avx_vnni": "avxvnni",
+    "avx512_bf16": "avx512bf16",
+    "avx512_fp16": "avx512fp16",
+    "amx_bf16": "amx-bf16",
+    "amx_int8": "amx-int8",
+}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _cache_kb(level: int, kind: str) -> int:
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for idx in sorted(base.glob("index*")):
+        try:
+            if int((idx / "level").read_text()) == level and (idx / "type").read_text().strip() in kind:
+                size = (idx / "size").read_text().strip()
+                return int(size[:-1]) * (1024 if size.endswith("M") else 1) if size[-1] in "KM" else int(size) // 1024
+        except (OSError, ValueError):
+            continue
+    return 0
+
+
+@functools.lru_cache(maxsize=1)
+def host_description() -> TargetDescription:
+    """The description of the machine Kiln runs on (x86-64 Linux), detected once per process."""
+    from tvm.target import codegen
+
+    flags = _cpu_flags()
+    features = tuple(sorted(k for f, k in _X86_FLAG_MAP.items() if f in flags))
+    vector_bits = 512 if "avx512f" in features else 256 if "avx2" in features else 128
+    base = _load_file(_DIR / "host.toml")
+    return dataclasses.replace(
+        base,
+        cpu=codegen.llvm_get_system_cpu() or "x86-64",
+        features=features,
+        cores=len(os.sched_getaffinity(0)),
+        vector_bits=vector_bits,
+        l1d_kb=_cache_kb(1, "Data Unified") or base.l1d_kb,
+        l2_kb=_cache_kb(2, "Unified") or base.l2_kb,
+        l3_kb=_cache_kb(3, "Unified") or base.l3_kb,
+    )
+
+
+# -- registry ----------------------------------------------------------------------------------
+def _load_file(path: Path) -> TargetDescription:
+    from compiler.errors import TargetError
+
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise TargetError(f"cannot read target description {path}: {err}") from err
+    return _from_mapping(data, source=str(path))
+
+
+@functools.lru_cache(maxsize=1)
+def _registry() -> dict[str, Path]:
+    reg: dict[str, Path] = {}
+    for path in sorted(_DIR.glob("*.toml")):
+        data = tomllib.loads(path.read_text())
+        for key in (data["name"], *data.get("aliases", ())):
+            reg[key] = path
+    return reg
+
+
+def names() -> list[str]:
+    """Every target name and alias Kiln knows."""
+    return sorted(_registry())
+
+
+def get(name: str) -> TargetDescription:
+    """The description called ``name`` (or an alias of it); ``UnknownTargetError`` otherwise."""
+    from compiler.errors import UnknownTargetError
+
+    path = _registry().get(name)
+    if path is None:
+        raise UnknownTargetError(name, names())
+    desc = _load_file(path)
+    if desc.host:
+        return host_description()
+    return desc
+
+
+def all_descriptions() -> list[TargetDescription]:
+    """One description per file (aliases not repeated), host completed from this machine."""
+    seen, out = set(), []
+    for name, path in sorted(_registry().items()):
+        if path in seen:
+            continue
+        seen.add(path)
+        out.append(get(tomllib.loads(path.read_text())["name"]))
+    return out
