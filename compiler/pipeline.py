@@ -42,19 +42,28 @@ def prepare(mod: tvm.IRModule, target: TargetDescription) -> tvm.IRModule:
         return tvm.transform.Sequential(steps, name="kiln.prepare")(mod)
 
 
-def fuse(mod: tvm.IRModule, target: TargetDescription) -> tvm.IRModule:
+def fuse(mod: tvm.IRModule, target: TargetDescription) -> tuple[tvm.IRModule, dict[str, tuple[str, ...]]]:
     """Lower Relax operators to TIR and fuse producers with their elementwise consumers.
-    The fused PrimFuncs are the kernels that tuning and default schedules work on."""
-    steps = [
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-        relax.transform.DeadCodeElimination(),
-    ]
+
+    Returns the fused module (its PrimFuncs are the kernels that tuning and default schedules work
+    on) and, for each fused kernel, the names of the operators it fuses."""
+    from .analysis import fused_groups
+
     with target.to_tvm():
-        return tvm.transform.Sequential(steps, name="kiln.fuse")(mod)
+        grouped = tvm.transform.Sequential(
+            [
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(),
+                relax.transform.FuseOps(),
+            ],
+            name="kiln.fuse_ops",
+        )(mod)
+        groups = fused_groups(grouped)
+        fused = tvm.transform.Sequential(
+            [relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()], name="kiln.fuse_tir"
+        )(grouped)
+    return fused, groups
 
 
 def schedule(mod: tvm.IRModule, target: TargetDescription, database=None) -> tvm.IRModule:
@@ -62,15 +71,11 @@ def schedule(mod: tvm.IRModule, target: TargetDescription, database=None) -> tvm
     Kiln's default schedule for every kernel still unscheduled."""
     import schedules
 
-    steps = []
-    if database is not None:
-        from tvm.s_tir import meta_schedule as ms
-
-        with target.to_tvm(), database:
-            mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-    steps.append(schedules.default_schedule_pass(target))
     with target.to_tvm():
-        return tvm.transform.Sequential(steps, name="kiln.schedule")(mod)
+        if database is not None:
+            with database:
+                mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+        return schedules.default_schedule_pass(target)(mod)
 
 
 def build(mod: tvm.IRModule, target: TargetDescription) -> relax.VMExecutable:

@@ -1,0 +1,110 @@
+"""The deployable file: one ``.so`` with code, weights and Kiln's metadata inside.
+
+Metadata (Kiln version, target description, input/output specs, kernel table) is compiled into the
+library as a marked, base64-encoded string constant, so it can be read back from the file bytes
+without loading the library: :func:`read_metadata` works for a .so of any architecture, which is
+how ``load`` refuses a module built for another CPU or Kiln version with a clear message.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+from .errors import IncompatibleModuleError, ModelFormatError
+
+FORMAT_VERSION = 1
+_BEGIN, _END = b"KILN-METADATA-V1:", b":KILN-END"
+
+#: ELF e_machine values Kiln produces.
+ELF_MACHINES = {62: "x86_64", 183: "aarch64", 40: "arm"}
+
+
+def _metadata_source(meta: dict) -> str:
+    payload = base64.b64encode(json.dumps(meta, sort_keys=True).encode()).decode()
+    literal = (_BEGIN.decode() + payload + _END.decode())
+    return (
+        "/* Kiln module metadata (read from the file bytes by compiler.artifact.read_metadata). */\n"
+        '#ifdef __cplusplus\nextern "C" {\n#endif\n'
+        '__attribute__((used, visibility("default"))) const char kiln_module_metadata[] = '
+        f'"{literal}";\n'
+        "#ifdef __cplusplus\n}\n#endif\n"
+    )
+
+
+def _with_metadata(fcompile, meta: dict, workdir: str):
+    """Wrap an export ``fcompile`` so the metadata source is compiled into the library."""
+    from tvm.support import cc
+
+    base = fcompile or cc.create_shared
+
+    def compile_with_metadata(output, objects, options=None, **kwargs):
+        src = os.path.join(workdir, "kiln_metadata.c")
+        Path(src).write_text(_metadata_source(meta))
+        objects = list(objects) + [src]
+        if options is not None:
+            kwargs["options"] = options
+        return base(output, objects, **kwargs)
+
+    for attr in ("object_format", "get_target_triple", "need_system_lib", "output_format"):
+        if hasattr(base, attr):
+            setattr(compile_with_metadata, attr, getattr(base, attr))
+    return compile_with_metadata
+
+
+def export(executable, path: str | os.PathLike, meta: dict, fcompile=None) -> Path:
+    """Write ``executable`` to ``path`` atomically (a half-written file never replaces a good one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="kiln-export-") as work:
+        tmp = os.path.join(work, "module.so")
+        executable.export_library(tmp, fcompile=_with_metadata(fcompile, meta, work))
+        os.replace(tmp, path) if _same_fs(work, path.parent) else _copy_replace(tmp, path)
+    return path
+
+
+def _same_fs(a, b) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev
+
+
+def _copy_replace(src: str, dst: Path) -> None:
+    import shutil
+
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def elf_machine(path: str | os.PathLike) -> str:
+    """The architecture an ELF file was built for (``x86_64``, ``aarch64``, ``arm``)."""
+    with open(path, "rb") as f:
+        head = f.read(20)
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        raise ModelFormatError(f"{path} is not a compiled module (not an ELF shared library)")
+    endian = "<" if head[5] == 1 else ">"
+    (machine,) = struct.unpack(endian + "H", head[18:20])
+    return ELF_MACHINES.get(machine, f"unknown (e_machine={machine})")
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The metadata Kiln compiled into a module, without loading it."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFormatError(f"no such module file: {path}")
+    elf_machine(path)
+    data = path.read_bytes()
+    start = data.find(_BEGIN)
+    end = data.find(_END, start + 1)
+    if start < 0 or end < 0:
+        raise IncompatibleModuleError(
+            f"{path} has no Kiln metadata: it was not written by Kiln's export (or by a Kiln older "
+            "than metadata format 1); recompile it with `kiln compile`"
+        )
+    try:
+        return json.loads(base64.b64decode(data[start + len(_BEGIN) : end]))
+    except ValueError as err:
+        raise ModelFormatError(f"{path}: Kiln metadata is corrupt ({err})") from err

@@ -1,0 +1,187 @@
+"""From a model to a :class:`CompiledModule`: import, run the pipeline, collect metadata."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import targets
+from targets import TargetDescription
+
+from . import __version__, pipeline
+from .analysis import kernel_table, layer_table
+from .errors import IncompatibleModuleError, ModelFormatError, TargetError, TuningError
+from .frontends import ImportedModel, TensorSpec
+from .module import CompiledModule
+
+log = logging.getLogger(__name__)
+
+
+def resolve_target(target) -> TargetDescription:
+    """A target name (or alias), a :class:`TargetDescription`, or an LLVM ``tvm.target.Target``."""
+    if isinstance(target, TargetDescription):
+        return target
+    if isinstance(target, str):
+        return targets.get(target)
+    try:
+        import tvm
+
+        if isinstance(target, tvm.target.Target) and target.kind.name == "llvm":
+            import dataclasses
+
+            return dataclasses.replace(
+                targets.get("x86"), name=f"llvm-{target.attrs.get('mcpu', 'generic')}",
+                cpu=str(target.attrs.get("mcpu", "")) or targets.get("x86").cpu, host=False,
+            )
+    except ImportError:  # pragma: no cover
+        pass
+    raise TargetError(f"target must be a name from `kiln targets` or a TargetDescription, not {target!r}")
+
+
+def import_model(model, *, example_inputs=None, input_shapes=None, input_dtypes=None) -> ImportedModel:
+    """Dispatch on the kind of ``model``: torch module, exported program, ONNX path/proto, ``zoo:NAME``."""
+    import torch
+
+    from .frontends import torch as torch_frontend
+
+    if isinstance(model, (str, os.PathLike)) and str(model).startswith("zoo:"):
+        from . import zoo
+
+        model, zoo_inputs = zoo.load(str(model)[4:])
+        example_inputs = example_inputs if example_inputs is not None else zoo_inputs
+    if isinstance(model, torch.export.ExportedProgram):
+        return torch_frontend.import_exported(model)
+    if isinstance(model, torch.nn.Module):
+        return torch_frontend.import_module(model, example_inputs)
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.exists():
+            raise ModelFormatError(f"model file not found: {path}")
+        if path.suffix in (".pt2", ".ep"):
+            try:
+                program = torch.export.load(str(path))
+            except Exception as err:
+                raise ModelFormatError(f"cannot read exported program {path}: {err}") from err
+            return torch_frontend.import_exported(program)
+    from .frontends.onnx import import_onnx
+
+    try:
+        import onnx
+    except ImportError:  # pragma: no cover
+        onnx = None
+    if isinstance(model, (str, os.PathLike)) or (onnx is not None and isinstance(model, onnx.ModelProto)):
+        return import_onnx(model, input_shapes=input_shapes, input_dtypes=input_dtypes)
+    raise ModelFormatError(
+        f"cannot compile a {type(model).__name__}: pass a torch.nn.Module (with example_inputs), a "
+        "torch.export.ExportedProgram, an ONNX file path or onnx.ModelProto, or 'zoo:NAME'"
+    )
+
+
+def _output_specs(fused, names: list[str]) -> list[TensorSpec]:
+    ret = fused["main"].ret_ty
+    infos = list(ret.fields) if hasattr(ret, "fields") else [ret]
+    specs = []
+    for i, info in enumerate(infos):
+        name = names[i] if i < len(names) else f"output_{i}"
+        specs.append(TensorSpec(name, tuple(int(d) for d in info.shape), str(info.dtype)))
+    return specs
+
+
+def open_tuning_logs(path, target: TargetDescription):
+    """The MetaSchedule database for ``target`` under the tuning-log directory ``path``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    root = Path(path)
+    if not root.is_dir():
+        raise TuningError(f"tuning log directory not found: {root}")
+    work = root / target.fingerprint()
+    if not (work / "database_workload.json").exists():
+        raise TuningError(
+            f"{root} has no tuning records for target {target.name!r} (fingerprint {target.fingerprint()}); "
+            f"found: {sorted(p.name for p in root.iterdir() if p.is_dir()) or 'nothing'}"
+        )
+    return ms.database.JSONDatabase(work_dir=str(work), allow_missing=False)
+
+
+def compile_model(model, target="x86", *, example_inputs=None, input_shapes=None, input_dtypes=None,
+                  tuning_logs=None) -> CompiledModule:
+    """See :func:`compiler.compile`."""
+    desc = resolve_target(target)
+    if desc.is_cross or desc.kind != "llvm":
+        raise TargetError(
+            f"target {desc.name!r} ({desc.family}) cannot be built by this Kiln version yet; "
+            "x86 targets are supported: see `kiln targets`"
+        )
+    t0 = time.perf_counter()
+    imported = import_model(model, example_inputs=example_inputs, input_shapes=input_shapes,
+                            input_dtypes=input_dtypes)
+    prepared = pipeline.prepare(imported.mod, desc)
+    fused, groups = pipeline.fuse(prepared, desc)
+    database = open_tuning_logs(tuning_logs, desc) if tuning_logs is not None else None
+    scheduled = pipeline.schedule(fused, desc, database)
+    executable = pipeline.build(scheduled, desc)
+    layers = layer_table(prepared)
+    kernels = kernel_table(fused, groups)
+    meta = {
+        "format": 1,
+        "kiln_version": __version__,
+        "target": desc.to_json(),
+        "target_fingerprint": desc.fingerprint(),
+        "source": imported.source,
+        "inputs": [s.to_json() for s in imported.inputs],
+        "outputs": [s.to_json() for s in _output_specs(fused, imported.output_names)],
+        "kernels": [k.to_json() for k in kernels],
+        "params": sum(layer.params for layer in layers),
+        "flops": sum(k.flops for k in kernels),
+    }
+    log.info("compiled for %s in %.1f s", desc.name, time.perf_counter() - t0)
+    return CompiledModule(executable, meta)
+
+
+def export_compiler(target: TargetDescription):
+    """The ``fcompile`` used to link an exported library for ``target`` (None: the host compiler)."""
+    if target.cross_compiler:
+        from tvm.support import cc
+
+        return cc.cross_compiler(target.cross_compiler, options=[])
+    return None
+
+
+def load_module(path, device: str = "cpu") -> CompiledModule:
+    """See :func:`compiler.load`."""
+    import platform
+
+    import tvm
+
+    from . import artifact
+
+    meta = artifact.read_metadata(path)
+    machine = artifact.elf_machine(path)
+    host = platform.machine()
+    if machine != host:
+        raise IncompatibleModuleError(
+            f"{path} was built for {machine} (target {meta['target']['name']!r}) and cannot run on this "
+            f"{host} machine; run it on a matching device, or recompile with --target x86"
+        )
+    if meta.get("format") != artifact.FORMAT_VERSION or _minor(meta.get("kiln_version", "")) != _minor(__version__):
+        raise IncompatibleModuleError(
+            f"{path} was written by Kiln {meta.get('kiln_version', '?')} (metadata format "
+            f"{meta.get('format', '?')}); this is Kiln {__version__}: recompile the model"
+        )
+    needed = set(meta["target"].get("features", ())) - set(targets.host_description().features)
+    if needed:
+        raise IncompatibleModuleError(
+            f"{path} was compiled for {meta['target']['name']!r} and uses CPU features this machine "
+            f"lacks: {sorted(needed)}; recompile with --target x86"
+        )
+    try:
+        lib = tvm.runtime.load_module(str(path))
+    except Exception as err:
+        raise IncompatibleModuleError(f"cannot load {path}: {err}") from err
+    return CompiledModule(lib, meta, device=device)
+
+
+def _minor(version: str) -> tuple[str, ...]:
+    return tuple(version.split(".")[:2])

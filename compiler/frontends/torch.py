@@ -1,0 +1,81 @@
+"""PyTorch frontend: ``torch.nn.Module`` (with example inputs) or ``torch.export.ExportedProgram``."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import CompileError, InputShapeError, ModelFormatError, UnsupportedOperatorError
+from . import ImportedModel, TensorSpec
+
+log = logging.getLogger(__name__)
+
+
+def _dtype_name(t) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def export_module(model, example_inputs: Sequence | None):
+    """``torch.export`` a module in eval mode; example inputs are required."""
+    import torch
+
+    if example_inputs is None:
+        raise InputShapeError(
+            "a torch.nn.Module needs example_inputs (a tuple of tensors with the shapes to compile for), "
+            "e.g. compile(model, example_inputs=(torch.randn(1, 3, 224, 224),))"
+        )
+    if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
+        example_inputs = (example_inputs,)
+    args = tuple(torch.as_tensor(a) for a in example_inputs)
+    model = model.eval()
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, args)
+    except Exception as err:  # torch raises many types; name the model and the cause
+        raise ModelFormatError(f"torch.export failed for {type(model).__name__}: {err}") from err
+
+
+def import_exported(program) -> ImportedModel:
+    """Import an ``ExportedProgram``; weights become constants of the Relax module."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    user_inputs = program.graph_signature.user_inputs
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    inputs = []
+    for name in user_inputs:
+        val = placeholders[name].meta.get("val")
+        if val is None or not hasattr(val, "shape"):
+            raise InputShapeError(f"exported program input {name!r} is not a tensor")
+        try:
+            shape = tuple(int(d) for d in val.shape)
+        except TypeError as err:
+            raise InputShapeError(
+                f"input {name!r} has a dynamic shape {tuple(val.shape)}; Kiln compiles static shapes: "
+                "export with concrete example inputs and no dynamic_shapes"
+            ) from err
+        inputs.append(TensorSpec(name, shape, _dtype_name(val)))
+    try:
+        mod = from_exported_program(program, keep_params_as_input=False)
+    except AssertionError as err:
+        ops = re.findall(r"'([\w.]+)'", str(err))
+        if "Unsupported function" in str(err) and ops:
+            nodes = {
+                op: [n.name for n in program.graph.nodes if n.op == "call_function" and str(n.target).endswith(op)]
+                for op in ops
+            }
+            raise UnsupportedOperatorError(
+                [(op, name) for op in ops for name in (nodes[op] or [""])], frontend="PyTorch"
+            ) from err
+        raise CompileError(f"PyTorch import failed: {err}") from err
+    except Exception as err:
+        raise CompileError(f"PyTorch import failed: {type(err).__name__}: {err}") from err
+    outputs = [s.arg.name for s in program.graph_signature.output_specs]
+    return ImportedModel(mod, inputs, outputs, source="torch")
+
+
+def import_module(model, example_inputs) -> ImportedModel:
+    """Export ``model`` with ``example_inputs`` and import the program."""
+    return import_exported(export_module(model, example_inputs))
