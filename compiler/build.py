@@ -40,6 +40,11 @@ def resolve_target(target) -> TargetDescription:
     raise TargetError(f"target must be a name from `kiln targets` or a TargetDescription, not {target!r}")
 
 
+def buildable(desc: TargetDescription) -> bool:
+    """True when this Kiln version can compile for ``desc``."""
+    return desc.family == "x86" and desc.kind == "llvm"
+
+
 def import_model(model, *, example_inputs=None, input_shapes=None, input_dtypes=None) -> ImportedModel:
     """Dispatch on the kind of ``model``: torch module, exported program, ONNX path/proto, ``zoo:NAME``."""
     import torch
@@ -109,10 +114,10 @@ def compile_model(model, target="x86", *, example_inputs=None, input_shapes=None
                   tuning_logs=None) -> CompiledModule:
     """See :func:`compiler.compile`."""
     desc = resolve_target(target)
-    if desc.is_cross or desc.kind != "llvm":
+    if not buildable(desc):
         raise TargetError(
-            f"target {desc.name!r} ({desc.family}) cannot be built by this Kiln version yet; "
-            "x86 targets are supported: see `kiln targets`"
+            f"target {desc.name!r} ({desc.family}) cannot be built by Kiln {__version__} yet; "
+            "the x86 targets can: see `kiln targets`"
         )
     t0 = time.perf_counter()
     imported = import_model(model, example_inputs=example_inputs, input_shapes=input_shapes,

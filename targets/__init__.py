@@ -224,4 +224,5 @@ def all_descriptions() -> list[TargetDescription]:
             continue
         seen.add(path)
         out.append(get(tomllib.loads(path.read_text())["name"]))
-    return out
+    order = {"x86": 0, "arm": 1, "cuda": 2, "mcu": 3}
+    return sorted(out, key=lambda d: (order.get(d.family, 9), not d.host, d.name))
