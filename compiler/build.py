@@ -11,7 +11,7 @@ import targets
 from targets import TargetDescription
 
 from . import __version__, pipeline
-from .analysis import kernel_table, layer_table
+from .analysis import kernel_table
 from .errors import IncompatibleModuleError, ModelFormatError, TargetError, TuningError
 from .frontends import ImportedModel, TensorSpec
 from .module import CompiledModule
@@ -127,7 +127,6 @@ def compile_model(model, target="x86", *, example_inputs=None, input_shapes=None
     database = open_tuning_logs(tuning_logs, desc) if tuning_logs is not None else None
     scheduled = pipeline.schedule(fused, desc, database)
     executable = pipeline.build(scheduled, desc)
-    layers = layer_table(prepared)
     kernels = kernel_table(fused, groups)
     meta = {
         "format": 1,
@@ -138,7 +137,7 @@ def compile_model(model, target="x86", *, example_inputs=None, input_shapes=None
         "inputs": [s.to_json() for s in imported.inputs],
         "outputs": [s.to_json() for s in _output_specs(fused, imported.output_names)],
         "kernels": [k.to_json() for k in kernels],
-        "params": sum(layer.params for layer in layers),
+        "params": imported.num_params,
         "flops": sum(k.flops for k in kernels),
     }
     log.info("compiled for %s in %.1f s", desc.name, time.perf_counter() - t0)

@@ -24,9 +24,10 @@ def model_info(model, *, target="x86", input_shapes=None, example_inputs=None) -
     lines.append(f"{'layer':<28} {'op':<22} {'output shape':<22} {'params':>10} {'MFLOP':>10}")
     for row in layers:
         lines.append(f"{row.name[:28]:<28} {row.op[:22]:<22} {str(list(row.shape)):<22} {row.params:>10,} {row.flops / 1e6:>10.2f}")
-    total_params = sum(r.params for r in layers)
     lines.append(f"{'total':<28} {len(layers)} ops ({len(original)} before graph optimisation)"
-                 f"{'':<6} {total_params:>10,} {sum(r.flops for r in layers) / 1e6:>10.2f}")
+                 f"{'':<6} {imported.num_params:>10,} {sum(r.flops for r in layers) / 1e6:>10.2f}")
+    lines.append("(total params: the model's own count before folding; per-layer params: constants each "
+                 "optimised op reads, BatchNorm folded into convolutions)")
     lines.append("")
     lines.append(f"fused kernels for target {desc.name} ({len(kernels)}):")
     for k in kernels:

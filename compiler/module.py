@@ -32,6 +32,14 @@ class BenchmarkResult:
                 f"min {self.min_ms:.3f} ms ({self.repeat} runs)")
 
 
+def _si(n: float) -> str:
+    """1.23e9 -> '1.23 G'."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} "
+
+
 @dataclass(frozen=True)
 class ModuleSummary:
     """Inputs, outputs, fused kernels, parameter count and FLOPs of a compiled module."""
@@ -47,7 +55,7 @@ class ModuleSummary:
         lines = [f"Kiln module for target {self.target}"]
         lines += [f"  input  {s.name}: {list(s.shape)} {s.dtype}" for s in self.inputs]
         lines += [f"  output {s.name}: {list(s.shape)} {s.dtype}" for s in self.outputs]
-        lines.append(f"  parameters: {self.params:,}   FLOPs: {self.flops / 1e9:.3f} G")
+        lines.append(f"  parameters: {self.params:,}   FLOPs: {_si(self.flops)}FLOP")
         lines.append(f"  fused kernels ({len(self.kernels)}):")
         width = max((len(k.name) for k in self.kernels), default=10)
         for k in self.kernels:

@@ -71,6 +71,9 @@ def schedule(mod: tvm.IRModule, target: TargetDescription, database=None) -> tvm
     Kiln's default schedule for every kernel still unscheduled."""
     import schedules
 
+    # DLight's ApplyDefaultSchedule writes its results into the module it is given: work on a copy so
+    # the caller's fused module (kernel table, FLOPs, tuning tasks) is not silently scheduled too.
+    mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs, global_infos=mod.global_infos)
     with target.to_tvm():
         if database is not None:
             with database:

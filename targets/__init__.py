@@ -23,6 +23,9 @@ from typing import Any, Mapping
 
 _DIR = Path(__file__).resolve().parent
 
+FAMILIES = ("x86", "arm", "cuda", "mcu")
+KINDS = ("llvm", "cuda", "c")
+
 #: Fields that change generated code; the tuning-log key (fingerprint) is computed from these.
 _CODEGEN_FIELDS = ("kind", "triple", "cpu", "features", "cores", "vector_bits", "arch", "float_abi")
 
@@ -113,8 +116,29 @@ def _from_mapping(data: Mapping[str, Any], source: str) -> TargetDescription:
     for required in ("name", "family", "kind"):
         if required not in data:
             raise TargetError(f"{source}: missing required key {required!r}")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    kwargs = {}
+    for key, value in data.items():
+        expected = _FIELD_TYPES[key]
+        if expected is tuple:
+            if not (isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value)):
+                raise TargetError(f"{source}: {key!r} must be a list of strings, got {value!r}")
+            value = tuple(value)
+        elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise TargetError(f"{source}: {key!r} must be {expected.__name__}, got {value!r}")
+        elif expected is int and value < 0:
+            raise TargetError(f"{source}: {key!r} must not be negative, got {value!r}")
+        kwargs[key] = value
+    for key, choices in (("family", FAMILIES), ("kind", KINDS)):
+        if kwargs[key] not in choices:
+            raise TargetError(f"{source}: {key} {kwargs[key]!r} is not one of {', '.join(choices)}")
     return TargetDescription(**kwargs)
+
+
+#: The Python type each TOML key must have (tuple: a list of strings).
+_FIELD_TYPES = {
+    f.name: {"str": str, "int": int, "bool": bool}.get(str(f.type), tuple)
+    for f in dataclasses.fields(TargetDescription)
+}
 
 
 # -- host detection ----------------------------------------------------------------------------
@@ -190,10 +214,14 @@ def _load_file(path: Path) -> TargetDescription:
 
 @functools.lru_cache(maxsize=1)
 def _registry() -> dict[str, Path]:
+    from compiler.errors import TargetError
+
     reg: dict[str, Path] = {}
     for path in sorted(_DIR.glob("*.toml")):
-        data = tomllib.loads(path.read_text())
-        for key in (data["name"], *data.get("aliases", ())):
+        desc = _load_file(path)
+        for key in (desc.name, *desc.aliases):
+            if key in reg:
+                raise TargetError(f"target name {key!r} is defined twice: {reg[key].name} and {path.name}")
             reg[key] = path
     return reg
 
@@ -223,6 +251,6 @@ def all_descriptions() -> list[TargetDescription]:
         if path in seen:
             continue
         seen.add(path)
-        out.append(get(tomllib.loads(path.read_text())["name"]))
+        out.append(get(_load_file(path).name))
     order = {"x86": 0, "arm": 1, "cuda": 2, "mcu": 3}
     return sorted(out, key=lambda d: (order.get(d.family, 9), not d.host, d.name))

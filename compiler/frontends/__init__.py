@@ -34,3 +34,6 @@ class ImportedModel:
     inputs: list[TensorSpec]
     output_names: list[str] = field(default_factory=list)
     source: str = ""  # "torch", "onnx"
+    #: Trainable parameter count as the source framework counts it (torch: ``parameters()``;
+    #: ONNX: elements of floating-point initializers), before Kiln folds anything.
+    num_params: int = 0

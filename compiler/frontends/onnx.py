@@ -60,6 +60,7 @@ def import_onnx(
     ``{"input": (1, 3, 224, 224)}``; ``input_dtypes`` changes the dtype an input is accepted in.
     """
     proto, where = _load(model)
+    num_params = _count_params(proto)
     _check_structure(proto, where)
     _normalize(proto)
     specs = _input_specs(proto.graph, dict(input_shapes or {}), dict(input_dtypes or {}))
@@ -71,7 +72,14 @@ def import_onnx(
         raise UnsupportedOperatorError(failures)
     logger.info("importing %s: %d nodes after folding and rewriting", where, len(proto.graph.node))
     mod = _to_relax(proto, specs, where)
-    return ImportedModel(mod, inputs=specs, output_names=[o.name for o in proto.graph.output], source="onnx")
+    return ImportedModel(mod, inputs=specs, output_names=[o.name for o in proto.graph.output], source="onnx",
+                         num_params=num_params)
+
+
+def _count_params(proto: onnx.ModelProto) -> int:
+    """Elements of the floating-point initializers: the model's weights."""
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+    return sum(int(np.prod(t.dims)) for t in proto.graph.initializer if t.data_type in floats)
 
 
 # ---------------------------------------------------------------- loading and structure

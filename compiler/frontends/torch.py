@@ -57,8 +57,12 @@ def import_exported(program) -> ImportedModel:
                 "export with concrete example inputs and no dynamic_shapes"
             ) from err
         inputs.append(TensorSpec(name, shape, _dtype_name(val)))
+    # Decompose here (TVM would do it inside) so that the graph Kiln inspects is the one TVM converts:
+    # negative ``select`` indices are normalised below, and unsupported ops are found by node name.
+    program = program.run_decompositions()
+    _normalize_negative_selects(program)
     try:
-        mod = from_exported_program(program, keep_params_as_input=False)
+        mod = from_exported_program(program, keep_params_as_input=False, run_ep_decomposition=False)
     except AssertionError as err:
         ops = re.findall(r"'([\w.]+)'", str(err))
         if "Unsupported function" in str(err) and ops:
@@ -73,7 +77,25 @@ def import_exported(program) -> ImportedModel:
     except Exception as err:
         raise CompileError(f"PyTorch import failed: {type(err).__name__}: {err}") from err
     outputs = [s.arg.name for s in program.graph_signature.output_specs]
-    return ImportedModel(mod, inputs, outputs, source="torch")
+    num_params = sum(int(p.numel()) for p in program.parameters())
+    return ImportedModel(mod, inputs, outputs, source="torch", num_params=num_params)
+
+
+def _normalize_negative_selects(program) -> None:
+    """``x[:, -1]`` exports as ``aten.select.int(x, 1, -1)``, which TVM 0.27 converts to
+    ``take(x, -1, mode="fast")``: an out-of-bounds read that silently returns garbage. Rewrite
+    negative indices to ``index + size`` (``program`` is Kiln's own decomposed copy)."""
+    import torch
+
+    for node in program.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.select.int:
+            continue
+        src, dim, index = node.args[:3]
+        val = getattr(src, "meta", {}).get("val")
+        if isinstance(index, int) and index < 0 and val is not None:
+            size = val.shape[dim]
+            if isinstance(size, int):
+                node.args = (src, dim, index + size, *node.args[3:])
 
 
 def import_module(model, example_inputs) -> ImportedModel:
