@@ -68,7 +68,11 @@ def fuse(mod: tvm.IRModule, target: TargetDescription) -> tuple[tvm.IRModule, di
 
 def schedule(mod: tvm.IRModule, target: TargetDescription, database=None) -> tvm.IRModule:
     """Apply tuning records from ``database`` (a MetaSchedule database) where they exist, then
-    Kiln's default schedule for every kernel still unscheduled."""
+    Kiln's default schedule for every kernel still unscheduled.
+
+    Schedules may repack constant weights into blocked layouts (blocks marked
+    ``meta_schedule.layout_rewrite_preproc``); those blocks are split out of the kernels and folded
+    into the constants here, so the repack happens once at compile time, not at every call."""
     import schedules
 
     # DLight's ApplyDefaultSchedule writes its results into the module it is given: work on a copy so
@@ -78,7 +82,15 @@ def schedule(mod: tvm.IRModule, target: TargetDescription, database=None) -> tvm
         if database is not None:
             with database:
                 mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-        return schedules.default_schedule_pass(target)(mod)
+        return tvm.transform.Sequential(
+            [
+                schedules.default_schedule_pass(target),
+                relax.transform.SplitLayoutRewritePreproc(),
+                relax.transform.FoldConstant(),
+                relax.transform.DeadCodeElimination(),
+            ],
+            name="kiln.schedule",
+        )(mod)
 
 
 def build(mod: tvm.IRModule, target: TargetDescription) -> relax.VMExecutable:
