@@ -41,8 +41,8 @@ def resolve_target(target) -> TargetDescription:
 
 
 def buildable(desc: TargetDescription) -> bool:
-    """True when this Kiln version can compile for ``desc``."""
-    return desc.family == "x86" and desc.kind == "llvm"
+    """True when this Kiln version can compile for ``desc`` (x86, and ARM Linux by cross-compiling)."""
+    return (desc.family in ("x86", "arm") and desc.kind == "llvm") or (desc.family == "mcu" and desc.kind == "c")
 
 
 def import_model(model, *, example_inputs=None, input_shapes=None, input_dtypes=None) -> ImportedModel:
@@ -95,37 +95,41 @@ def _output_specs(fused, names: list[str]) -> list[TensorSpec]:
 
 
 def open_tuning_logs(path, target: TargetDescription):
-    """The MetaSchedule database for ``target`` under the tuning-log directory ``path``."""
-    from tvm.s_tir import meta_schedule as ms
+    """The MetaSchedule database for ``target`` under the tuning-log directory ``path``.
 
-    root = Path(path)
-    if not root.is_dir():
-        raise TuningError(f"tuning log directory not found: {root}")
-    work = root / target.fingerprint()
-    if not (work / "database_workload.json").exists():
-        raise TuningError(
-            f"{root} has no tuning records for target {target.name!r} (fingerprint {target.fingerprint()}); "
-            f"found: {sorted(p.name for p in root.iterdir() if p.is_dir()) or 'nothing'}"
-        )
-    return ms.database.JSONDatabase(work_dir=str(work), allow_missing=False)
+    A missing directory, one without records for ``target``, a ``target.json`` describing another
+    target or a corrupt database is a :class:`TuningError`; a torn last line is repaired with a
+    warning (see ``schedules.database``)."""
+    from schedules import database as logs_db
+
+    return logs_db.open_logs(path, target, create=False).database
 
 
 def compile_model(model, target="x86", *, example_inputs=None, input_shapes=None, input_dtypes=None,
                   tuning_logs=None) -> CompiledModule:
     """See :func:`compiler.compile`."""
     desc = resolve_target(target)
+    if desc.family == "mcu" and buildable(desc):  # a self-contained C library (compiler/mcu)
+        from .mcu import compile_mcu
+
+        return compile_mcu(model, desc, example_inputs=example_inputs, input_shapes=input_shapes,
+                           input_dtypes=input_dtypes, tuning_logs=tuning_logs)
     if not buildable(desc):
         raise TargetError(
             f"target {desc.name!r} ({desc.family}) cannot be built by Kiln {__version__} yet; "
-            "the x86 targets can: see `kiln targets`"
+            "the x86 and ARM targets can: see `kiln targets`"
         )
     t0 = time.perf_counter()
     imported = import_model(model, example_inputs=example_inputs, input_shapes=input_shapes,
                             input_dtypes=input_dtypes)
     prepared = pipeline.prepare(imported.mod, desc)
     fused, groups = pipeline.fuse(prepared, desc)
-    database = open_tuning_logs(tuning_logs, desc) if tuning_logs is not None else None
-    scheduled = pipeline.schedule(fused, desc, database)
+    tuned: list[str] = []
+    if tuning_logs is not None:
+        applied, tuned = pipeline.apply_records(fused, desc, open_tuning_logs(tuning_logs, desc))
+        scheduled = pipeline.schedule(applied, desc)
+    else:
+        scheduled = pipeline.schedule(fused, desc)
     executable = pipeline.build(scheduled, desc)
     kernels = kernel_table(fused, groups)
     meta = {
@@ -140,6 +144,14 @@ def compile_model(model, target="x86", *, example_inputs=None, input_shapes=None
         "params": imported.num_params,
         "flops": sum(k.flops for k in kernels),
     }
+    if tuning_logs is not None:
+        untuned = sorted(k.name for k in kernels if k.name not in tuned)
+        meta["tuning_logs"] = str(tuning_logs)
+        meta["tuned_kernels"] = tuned
+        meta["untuned_kernels"] = untuned
+        if untuned:
+            log.warning("%d of %d kernels compiled without a tuning record in %s (default schedules): %s",
+                        len(untuned), len(kernels), tuning_logs, ", ".join(untuned))
     log.info("compiled for %s in %.1f s", desc.name, time.perf_counter() - t0)
     return CompiledModule(executable, meta)
 
@@ -149,8 +161,25 @@ def export_compiler(target: TargetDescription):
     if target.cross_compiler:
         from tvm.support import cc
 
-        return cc.cross_compiler(target.cross_compiler, options=[])
+        check_cross_compiler(target)
+        return cc.cross_compiler(target.cross_compiler, options=[])  # a fresh list: cc appends to it
     return None
+
+
+def check_cross_compiler(target: TargetDescription) -> None:
+    """A clear TargetError naming the package to install when ``target``'s cross compiler is missing."""
+    import shutil
+
+    if not target.cross_compiler or shutil.which(target.cross_compiler):
+        return
+    prefix, sep, tool = target.cross_compiler.rpartition("-")
+    package = f"{tool}-{prefix}" if sep and tool in ("g++", "gcc", "c++") else target.cross_compiler
+    script = {"arm": "scripts/setup_arm.sh, which installs the ARM cross toolchains and the emulated aarch64 "
+                     "device", "mcu": "scripts/setup_mcu.sh"}.get(target.family)
+    raise TargetError(
+        f"the cross compiler {target.cross_compiler!r} for target {target.name!r} is not installed (not on "
+        f"PATH): install it with `apt-get install {package}`" + (f", or run {script}" if script else "")
+    )
 
 
 def load_module(path, device: str = "cpu") -> CompiledModule:
@@ -167,7 +196,10 @@ def load_module(path, device: str = "cpu") -> CompiledModule:
     if machine != host:
         raise IncompatibleModuleError(
             f"{path} was built for {machine} (target {meta['target']['name']!r}) and cannot run on this "
-            f"{host} machine; run it on a matching device, or recompile with --target x86"
+            f"{host} machine; run it on a matching device"
+            + (" or on the emulated device (`kiln run MODULE --emulate`, compiler.emulator.run; set up by "
+               "scripts/setup_arm.sh)" if machine == "aarch64" else "")
+            + ", or recompile with --target x86"
         )
     if meta.get("format") != artifact.FORMAT_VERSION or _minor(meta.get("kiln_version", "")) != _minor(__version__):
         raise IncompatibleModuleError(

@@ -1,8 +1,10 @@
 """``kiln``: the command line. It only parses arguments and calls the Python API.
 
     kiln compile MODEL --target x86 -o model.so [--input-shape name:1x3x224x224]
-    kiln run model.so [--inputs in.npz] [--outputs out.npz]
+    kiln run model.so [--inputs in.npz] [--outputs out.npz] [--emulate]
+    kiln package model.so --target rpi4 [-o bundle/]
     kiln info MODEL
+    kiln tune MODEL --target x86 [--trials N] [--time-budget 8h|30m|90s] [--log-dir DIR]
     kiln targets
 
 MODEL is an ONNX file, a ``torch.export`` ``.pt2`` file, or ``zoo:NAME`` (``kiln info zoo:`` lists
@@ -44,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Compile MODEL (ONNX file, .pt2 exported program, or zoo:NAME) for a target.")
     c.add_argument("model", help="ONNX file, .pt2 exported program, or zoo:NAME")
     c.add_argument("--target", "-t", default="x86", help="target name from `kiln targets` (default: x86, this machine)")
-    c.add_argument("-o", "--output", required=True, help="output .so path")
+    c.add_argument("-o", "--output", required=True,
+                   help="output .so path (a directory for microcontroller targets: a C library)")
     c.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME:SHAPE",
                    help="fix an input's shape, e.g. input:1x3x224x224 (repeatable)")
     c.add_argument("--tuning-logs", help="tuning-log directory to take tuned schedules from")
@@ -55,11 +58,35 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--inputs", help=".npz with one array per input name (default: random inputs)")
     r.add_argument("--outputs", help="write the outputs to this .npz")
     r.add_argument("--benchmark", type=int, metavar="N", default=0, help="also time N runs and print latency")
+    r.add_argument("--emulate", action="store_true",
+                   help="run an aarch64 module on the emulated ARM device (QEMU; set up by scripts/setup_arm.sh), "
+                   "or a microcontroller library directory under qemu-system-arm (scripts/setup_mcu.sh)")
 
     i = sub.add_parser("info", help="operators, parameters and FLOPs per layer and in total")
     i.add_argument("model", help="ONNX file, .pt2 exported program, or zoo:NAME (`zoo:` lists the zoo)")
     i.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME:SHAPE")
     i.add_argument("--target", "-t", default="x86", help="target whose fusion to show (default: x86)")
+
+    tu = sub.add_parser("tune", help="search schedules for a model's kernels; records go to target-keyed logs",
+                        description="Tune MODEL's kernels for a target. Stops at --trials (counting records "
+                        "already in the logs) or --time-budget, whichever comes first; rerun the same "
+                        "command to resume. Then: kiln compile MODEL --tuning-logs DIR.")
+    tu.add_argument("model", help="ONNX file, .pt2 exported program, or zoo:NAME")
+    tu.add_argument("--target", "-t", default="x86", help="target name from `kiln targets` (default: x86, this machine)")
+    tu.add_argument("--trials", type=int, metavar="N", help="total measured trials for the model, records already in "
+                    "the logs included (default: 32 per kernel when no --time-budget is given)")
+    tu.add_argument("--time-budget", metavar="DURATION", help="wall-clock budget for this run: 8h, 30m, 90s, 1h30m")
+    tu.add_argument("--log-dir", default="tuning_logs", help="tuning-log directory (default: tuning_logs)")
+    tu.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME:SHAPE",
+                    help="fix an input's shape, e.g. input:1x3x224x224 (repeatable)")
+    tu.add_argument("--restart", action="store_true", help="set existing logs for this target aside and start over")
+
+    k = sub.add_parser("package", help="bundle a compiled module with the runtime and a C++ runner for a board",
+                       description="Write a directory with the module, the TVM runtime libraries for the board, a "
+                                   "prebuilt C++ runner and a README: no Python or compiler needed on the board.")
+    k.add_argument("module", help=".so written by `kiln compile`")
+    k.add_argument("--target", "-t", help="the board (default: the target the module was compiled for)")
+    k.add_argument("-o", "--output", help="bundle directory (default: MODULE-TARGET-bundle beside the module)")
 
     sub.add_parser("targets", help="list the known targets")
     return p
@@ -75,7 +102,12 @@ def _cmd_compile(args) -> int:
     mod = compiler.compile(args.model, target=args.target, input_shapes=dict(args.input_shape) or None,
                            tuning_logs=args.tuning_logs)
     path = mod.export(args.output)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+    if path.is_dir():  # a microcontroller C library (compiler/mcu)
+        files = ", ".join(sorted(p.name for p in path.iterdir()))
+        print(f"wrote C library {path}/ ({files}) in {time.perf_counter() - t0:.1f} s")
+        print(mod.memory_report())
+    else:
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     if args.summary:
         print(mod.summary())
     return 0
@@ -86,7 +118,20 @@ def _cmd_run(args) -> int:
 
     import compiler
 
-    mod = compiler.load(args.module)
+    if args.emulate and Path(args.module).is_dir():  # a microcontroller C library (compiler/mcu)
+        from compiler import mcu
+
+        mod = mcu.load(args.module)
+        print(f"building {args.module} for {mod.meta['target']['name']} and running it under qemu-system-arm "
+              f"({mod.meta['target'].get('machine', '?')})", flush=True)
+    elif args.emulate:
+        from compiler import emulator
+
+        mod = emulator.load(args.module)
+        print(f"running {args.module} (target {mod.meta['target']['name']}) on the emulated aarch64 device; "
+              f"{emulator.TIMING_NOTE}", flush=True)
+    else:
+        mod = compiler.load(args.module)
     if args.inputs:
         with np.load(args.inputs) as data:
             named = {k: data[k] for k in data.files}
@@ -106,7 +151,8 @@ def _cmd_run(args) -> int:
         np.savez(args.outputs, **{spec.name: o for spec, o in zip(mod.outputs, outs)})
         print(f"wrote {args.outputs}")
     if args.benchmark:
-        print(f"latency: {mod.benchmark(repeat=args.benchmark)}")
+        note = " under emulation (for correctness only, not a board's speed)" if args.emulate else ""
+        print(f"latency{note}: {mod.benchmark(repeat=args.benchmark)}")
     return 0
 
 
@@ -119,6 +165,32 @@ def _cmd_info(args) -> int:
         print("zoo models: " + ", ".join(zoo.names()))
         return 0
     print(info.model_info(args.model, target=args.target, input_shapes=dict(args.input_shape) or None))
+    return 0
+
+
+def _cmd_tune(args) -> int:
+    import compiler
+    import targets
+
+    targets.get(args.target)  # an unknown target fails before any work
+    logging.getLogger("compiler.tuning").setLevel(logging.INFO)  # one progress line per round
+    print(f"tuning {args.model} for target {args.target}, logs in {args.log_dir}", flush=True)
+    report = compiler.tune(args.model, target=args.target, input_shapes=dict(args.input_shape) or None,
+                           trials=args.trials, time_budget=args.time_budget, log_dir=args.log_dir,
+                           resume=not args.restart)
+    print(report)
+    print(f"then: kiln compile {args.model} --target {args.target} --tuning-logs {args.log_dir} -o MODEL.so")
+    return 0
+
+
+def _cmd_package(args) -> int:
+    from compiler.package import package
+
+    out = package(args.module, args.output, target=args.target)
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    print(f"wrote bundle {out} ({sum(p.stat().st_size for p in files) / 1e6:.1f} MB): "
+          + ", ".join(str(p.relative_to(out)) for p in files))
+    print(f"see {out / 'README.md'} for how to run it on the board")
     return 0
 
 
@@ -137,7 +209,8 @@ def _cmd_targets(_args) -> int:
     return 0
 
 
-_COMMANDS = {"compile": _cmd_compile, "run": _cmd_run, "info": _cmd_info, "targets": _cmd_targets}
+_COMMANDS = {"compile": _cmd_compile, "run": _cmd_run, "info": _cmd_info, "tune": _cmd_tune,
+             "package": _cmd_package, "targets": _cmd_targets}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,31 +66,35 @@ def fuse(mod: tvm.IRModule, target: TargetDescription) -> tuple[tvm.IRModule, di
     return fused, groups
 
 
+def apply_records(mod: tvm.IRModule, target: TargetDescription, database) -> tuple[tvm.IRModule, list[str]]:
+    """Apply the best tuning record of ``database`` (a MetaSchedule database) to every kernel that has
+    one; return the module (a copy) and the names of the kernels a record scheduled.
+
+    ``MetaScheduleApplyDatabase`` looks each PrimFunc up as the ``main`` of an IRModule, the same key
+    ``schedules.search.extract_tasks`` tunes under, and marks what it scheduled ``tirx.is_scheduled``."""
+    mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs, global_infos=mod.global_infos)
+    unscheduled = {gv.name_hint for gv, f in mod.functions_items()
+                   if isinstance(f, tvm.tirx.PrimFunc) and not f.attrs.get("tirx.is_scheduled", False)}
+    with target.to_tvm(), database:
+        mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    tuned = sorted(gv.name_hint for gv, f in mod.functions_items()
+                   if gv.name_hint in unscheduled and isinstance(f, tvm.tirx.PrimFunc)
+                   and f.attrs.get("tirx.is_scheduled", False))
+    return mod, tuned
+
+
 def schedule(mod: tvm.IRModule, target: TargetDescription, database=None) -> tvm.IRModule:
     """Apply tuning records from ``database`` (a MetaSchedule database) where they exist, then
-    Kiln's default schedule for every kernel still unscheduled.
-
-    Schedules may repack constant weights into blocked layouts (blocks marked
-    ``meta_schedule.layout_rewrite_preproc``); those blocks are split out of the kernels and folded
-    into the constants here, so the repack happens once at compile time, not at every call."""
+    Kiln's default schedule for every kernel still unscheduled."""
     import schedules
 
     # DLight's ApplyDefaultSchedule writes its results into the module it is given: work on a copy so
     # the caller's fused module (kernel table, FLOPs, tuning tasks) is not silently scheduled too.
     mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs, global_infos=mod.global_infos)
+    if database is not None:
+        mod, _tuned = apply_records(mod, target, database)
     with target.to_tvm():
-        if database is not None:
-            with database:
-                mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-        return tvm.transform.Sequential(
-            [
-                schedules.default_schedule_pass(target),
-                relax.transform.SplitLayoutRewritePreproc(),
-                relax.transform.FoldConstant(),
-                relax.transform.DeadCodeElimination(),
-            ],
-            name="kiln.schedule",
-        )(mod)
+        return schedules.default_schedule_pass(target)(mod)
 
 
 def build(mod: tvm.IRModule, target: TargetDescription) -> relax.VMExecutable:

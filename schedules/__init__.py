@@ -19,7 +19,7 @@ from targets import TargetDescription
 
 def preferred_layouts(target: TargetDescription) -> dict[str, list[str]] | None:
     """Layouts for ``ConvertLayout`` on ``target`` (``None``: leave the model's layouts alone)."""
-    if target.family == "x86":
+    if target.family in ("x86", "arm"):  # ARM reuses the x86 rules: their widths come from the target
         from . import x86
 
         return x86.PREFERRED_LAYOUTS
@@ -30,7 +30,7 @@ def default_schedule_pass(target: TargetDescription) -> tvm.transform.Pass:
     """The pass that gives every unscheduled kernel a default schedule for ``target``."""
     from tvm.s_tir import dlight as dl
 
-    if target.family == "x86":
+    if target.family in ("x86", "arm"):  # on ARM: 128-bit NEON, 4 float32 lanes (see x86.conv.vector_bits)
         from . import x86
 
         return dl.ApplyDefaultSchedule(*x86.rules())

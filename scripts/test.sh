@@ -5,5 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# ARM: cross toolchains and the emulated aarch64 device (cached; KILN_SKIP_ARM_SETUP=1 skips it, and the
+# `emulator` tests then skip with a reason)
+[ -n "${KILN_SKIP_ARM_SETUP:-}" ] || scripts/setup_arm.sh
+# Microcontrollers: arm-none-eabi-gcc, newlib and qemu-system-arm (KILN_SKIP_MCU_SETUP=1 skips it, and the
+# `mcu` tests then skip with a reason)
+[ -n "${KILN_SKIP_MCU_SETUP:-}" ] || scripts/setup_mcu.sh
 . .venv/bin/activate
 exec python -m pytest -q -p no:cacheprovider "$@"

@@ -52,6 +52,7 @@ class TargetDescription:
     float_abi: str = ""  # ARM: "hard" / "soft"
     cross_compiler: str = ""  # "" means the host compiler
     remote: str = "local"  # how to reach a device: "local", "rpc", "qemu-aarch64", "qemu-system-arm"
+    machine: str = ""  # qemu-system-arm board that emulates it (microcontrollers): "mps2-an386", ...
     host: bool = False  # completed from the machine Kiln runs on
     aliases: tuple[str, ...] = ()
     llvm_mattr: tuple[str, ...] = field(default=(), repr=False)

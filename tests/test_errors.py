@@ -192,9 +192,9 @@ def test_unknown_target_suggests_closest():
 
 
 def test_target_kind_not_buildable_is_a_target_error():
-    """Descriptions for ARM/CUDA/MCU exist, building for them is refused up front and clearly."""
+    """Descriptions for CUDA exist, building for them is refused up front and clearly (x86, ARM and MCU build)."""
     for d in targets.all_descriptions():
-        if d.family == "x86":
+        if d.family in ("x86", "arm", "mcu"):
             continue
         with pytest.raises(TargetError) as info:
             compiler.compile(torch.nn.Linear(3, 2), target=d.name, example_inputs=(torch.randn(1, 3),))

@@ -1,0 +1,390 @@
+"""The emulated aarch64 device: run an ARM module built by Kiln on this x86 machine.
+
+``scripts/setup_arm.sh`` sets the device up once (cached under ``${KILN_CACHE:-~/.cache/kiln}/arm64``):
+a Debian arm64 root with Python 3.11 (``root/``) and the aarch64 wheels of TVM, TVM-FFI and NumPy
+(``site/``). A module runs under QEMU user mode (``qemu-aarch64-static -L ROOT ROOT/usr/bin/python3.11``)
+in a worker process that loads only the TVM *runtime* (``libtvm_runtime.so`` + ``tvm_ffi``, ~2 s to start
+under emulation, against ~9 s for ``import tvm``) and is kept alive between calls, so a test or a
+script pays the start-up once::
+
+    from compiler import emulator
+    y = emulator.run("model_arm.so", x)            # -> outputs, like CompiledModule.run
+    mod = emulator.load("model_arm.so")            # CompiledModule-like: .inputs, .run, .benchmark
+    ys = emulator.run_many("model_arm.so", [(x1,), (x2,)])
+
+Timings under emulation measure QEMU, not a board: use the emulated device for correctness only.
+
+Paths can be overridden with ``KILN_ARM_ROOT``, ``KILN_ARM_SITE`` and ``KILN_QEMU_AARCH64``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import select
+import shutil
+import statistics
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import IncompatibleModuleError, InputShapeError, KilnError
+
+TIMING_NOTE = ("timings under emulation (QEMU user mode) are for correctness checks only: they say nothing "
+               "about the speed of a real board")
+SETUP_HINT = "run scripts/setup_arm.sh (about 1-2 minutes once; cached under ${KILN_CACHE:-~/.cache/kiln})"
+#: Seconds one request may take before the worker is killed (start-up included).
+DEFAULT_TIMEOUT = 600
+
+
+class EmulatorError(KilnError):
+    """The emulated device is not set up, or a module failed on it."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KILN_CACHE") or Path.home() / ".cache" / "kiln")
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where the emulated aarch64 device lives."""
+
+    qemu: str
+    root: Path
+    site: Path
+
+    @property
+    def python(self) -> Path:
+        return self.root / "usr" / "bin" / "python3.11"
+
+    def command(self, *args: str) -> list[str]:
+        """The command line that runs ``python3.11 *args`` on the emulated device."""
+        return [self.qemu, "-L", str(self.root), str(self.python), *args]
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("LD_LIBRARY_PATH", "LD_PRELOAD", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV")}
+        env.update(PYTHONPATH=str(self.site), PYTHONNOUSERSITE="1", PYTHONDONTWRITEBYTECODE="1",
+                   PYTHONUNBUFFERED="1")
+        return env
+
+    @property
+    def runtime_libs(self) -> tuple[Path, Path]:
+        """``libtvm_runtime.so`` and ``libtvm_ffi.so`` for aarch64 (what a board needs at run time)."""
+        return self.site / "tvm" / "lib" / "libtvm_runtime.so", self.site / "tvm_ffi" / "lib" / "libtvm_ffi.so"
+
+
+def find() -> Device:
+    """The emulated aarch64 device, or an :class:`EmulatorError` saying how to set it up."""
+    arm = cache_dir() / "arm64"
+    root = Path(os.environ.get("KILN_ARM_ROOT") or arm / "root")
+    site = Path(os.environ.get("KILN_ARM_SITE") or arm / "site")
+    qemu = os.environ.get("KILN_QEMU_AARCH64") or shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
+    missing = []
+    if not qemu:
+        missing.append("qemu-aarch64-static (Debian package qemu-user-static)")
+    if not (root / "usr" / "bin" / "python3.11").exists():
+        missing.append(f"the aarch64 Python root {root}")
+    dev = Device(qemu or "qemu-aarch64-static", root, site)
+    if not all(p.exists() for p in dev.runtime_libs):
+        missing.append(f"the aarch64 TVM runtime in {site}")
+    if missing:
+        raise EmulatorError(f"the emulated aarch64 device is not set up (missing: {'; '.join(missing)}): {SETUP_HINT}")
+    return dev
+
+
+def unavailable_reason() -> str | None:
+    """None when the emulated device is ready, else why not (for ``pytest.skip``)."""
+    try:
+        find()
+    except EmulatorError as err:
+        return str(err)
+    return None
+
+
+# ------------------------------------------------------------------------------ the device-side worker
+_WORKER = r'''
+import ctypes, hashlib, json, os, shutil, sys, time, traceback
+t0 = time.perf_counter()
+import numpy as np
+site = os.environ["PYTHONPATH"].split(os.pathsep)[0]
+import tvm_ffi  # loads libtvm_ffi.so, which libtvm_runtime.so needs
+ctypes.CDLL(os.path.join(site, "tvm", "lib", "libtvm_runtime.so"), ctypes.RTLD_GLOBAL)
+
+out = os.fdopen(os.dup(1), "w", buffering=1)   # replies; the runtime's own prints go to stderr
+os.dup2(2, 1)
+work = sys.argv[1]
+cache = {}
+
+def reply(obj):
+    out.write("KILN-EMU:" + json.dumps(obj) + "\n")
+    out.flush()
+
+def aligned(a):
+    a = np.ascontiguousarray(a)
+    buf = np.empty(a.nbytes + 64, dtype=np.uint8)
+    off = (-buf.ctypes.data) % 64
+    b = buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+    b[...] = a
+    return b
+
+def flatten(v, acc):
+    if hasattr(v, "__dlpack__"):
+        acc.append(np.array(np.from_dlpack(v), copy=True))
+    else:
+        for item in v:
+            flatten(item, acc)
+    return acc
+
+def vm_main(path):
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:20]
+    if digest not in cache:
+        # dlopen caches by path: a private copy per content, so a re-exported module is not stale
+        private = os.path.join(work, digest + ".so")
+        shutil.copyfile(path, private)
+        lib = tvm_ffi.load_module(private)
+        vm = lib["vm_load_executable"]()
+        vm["vm_initialization"](1, 0, 2)  # kDLCPU, device 0, pooled allocator
+        cache[digest] = (lib, vm, vm["main"])
+    return cache[digest][2]
+
+reply({"ready": True, "startup_s": time.perf_counter() - t0})
+for line in sys.stdin:
+    job = json.loads(line)
+    try:
+        main = vm_main(job["module"])
+        with np.load(job["inputs"]) as data:
+            args = [tvm_ffi.from_dlpack(aligned(data[f"arg{i}"])) for i in range(len(data.files))]
+        t = time.perf_counter()
+        result = main(*args)
+        first_ms = (time.perf_counter() - t) * 1e3
+        outs = flatten(result, [])
+        np.savez(job["outputs"], *outs)
+        for _ in range(job.get("warmup", 0)):
+            main(*args)
+        times = []
+        for _ in range(job.get("repeat", 0)):
+            t = time.perf_counter()
+            main(*args)
+            times.append((time.perf_counter() - t) * 1e3)
+        reply({"ok": True, "outputs": len(outs), "first_ms": first_ms, "times_ms": times})
+    except BaseException:
+        reply({"ok": False, "error": traceback.format_exc()})
+'''
+
+
+class Session:
+    """One emulated Python process on the device, kept alive across requests (start-up ~2 s)."""
+
+    def __init__(self, device: Device | None = None, timeout: float = DEFAULT_TIMEOUT):
+        self.device = device or find()
+        self.timeout = timeout
+        self._work = tempfile.TemporaryDirectory(prefix="kiln-emu-")
+        script = Path(self._work.name) / "kiln_emu_worker.py"
+        script.write_text(_WORKER)
+        self._stderr = open(Path(self._work.name) / "stderr.txt", "w+")
+        self._proc = subprocess.Popen(
+            self.device.command(str(script), self._work.name), env=self.device.env(), cwd=self._work.name,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+        )
+        self._lock = threading.Lock()
+        self.startup_s = self._read()["startup_s"]
+        self._count = 0
+
+    def _stderr_tail(self) -> str:
+        self._stderr.flush()
+        self._stderr.seek(0)
+        return self._stderr.read()[-2000:]
+
+    def _read(self) -> dict:
+        while True:
+            ready, _, _ = select.select([self._proc.stdout], [], [], self.timeout)
+            if not ready:
+                self.close()
+                raise EmulatorError(f"the emulated device did not answer within {self.timeout:.0f} s")
+            line = self._proc.stdout.readline()
+            if not line:
+                code = self._proc.wait()
+                raise EmulatorError(f"the emulated device exited (status {code}):\n{self._stderr_tail()}")
+            if line.startswith("KILN-EMU:"):
+                return json.loads(line[len("KILN-EMU:"):])
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def run(self, path: str | os.PathLike, arrays: Sequence[np.ndarray], *, warmup: int = 0,
+            repeat: int = 0) -> tuple[list[np.ndarray], dict]:
+        """Run ``main`` of the module at ``path`` on ``arrays`` (already in input order). Returns the
+        flat list of outputs and the timing record (``first_ms``, ``times_ms``)."""
+        with self._lock:
+            if not self.alive:
+                raise EmulatorError(f"the emulated device has exited:\n{self._stderr_tail()}")
+            self._count += 1
+            inp = Path(self._work.name) / f"in{self._count}.npz"
+            out = Path(self._work.name) / f"out{self._count}.npz"
+            np.savez(inp, **{f"arg{i}": np.asarray(a) for i, a in enumerate(arrays)})
+            job = {"module": str(Path(path).resolve()), "inputs": str(inp), "outputs": str(out),
+                   "warmup": warmup, "repeat": repeat}
+            self._proc.stdin.write(json.dumps(job) + "\n")
+            self._proc.stdin.flush()
+            answer = self._read()
+            inp.unlink(missing_ok=True)
+            if not answer["ok"]:
+                raise EmulatorError(f"running {path} on the emulated aarch64 device failed:\n{answer['error']}")
+            with np.load(out) as data:
+                outs = [data[f"arr_{i}"] for i in range(answer["outputs"])]
+            out.unlink(missing_ok=True)
+            return outs, answer
+
+    def close(self) -> None:
+        if getattr(self, "_proc", None) is not None and self._proc.poll() is None:
+            try:
+                self._proc.stdin.close()
+                self._proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self._proc.kill()
+                self._proc.wait()
+        if getattr(self, "_stderr", None) is not None:
+            self._stderr.close()
+        if getattr(self, "_work", None) is not None:
+            self._work.cleanup()
+            self._work = None
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_session: Session | None = None
+_session_lock = threading.Lock()
+
+
+def session() -> Session:
+    """The process-wide emulator session (started on first use, closed at exit)."""
+    global _session
+    with _session_lock:
+        if _session is None or not _session.alive:
+            _session = Session()
+            atexit.register(_session.close)
+        return _session
+
+
+# ------------------------------------------------------------------------------ CompiledModule-like use
+class EmulatedModule:
+    """An aarch64 module file run on the emulated device, used like a :class:`CompiledModule`."""
+
+    def __init__(self, path: str | os.PathLike):
+        from . import artifact
+        from .frontends import TensorSpec
+
+        self.path = Path(path)
+        self.meta = artifact.read_metadata(self.path)
+        machine = artifact.elf_machine(self.path)
+        if machine != "aarch64":
+            hint = ("a 32-bit ARM module needs a TVM runtime built for armv7 and qemu-arm; the emulated "
+                    "device runs aarch64 modules only" if machine == "arm" else
+                    "load it with compiler.load (no emulation needed)" if machine == "x86_64" else "")
+            raise IncompatibleModuleError(
+                f"{self.path} was built for {machine} (target {self.meta['target']['name']!r}), not aarch64: {hint}")
+        self.inputs = [TensorSpec.from_json(d) for d in self.meta["inputs"]]
+        self.outputs = [TensorSpec.from_json(d) for d in self.meta["outputs"]]
+
+    from .module import CompiledModule as _CM  # borrow the pure-metadata helpers
+
+    random_inputs = _CM.random_inputs
+    summary = _CM.summary
+    target = _CM.target
+    del _CM
+
+    def _arrange(self, arrays: Sequence, named: dict) -> list[np.ndarray]:
+        """Inputs in order, checked against the module's input specs (as ``CompiledModule.run`` does)."""
+        if len(arrays) + len(named) != len(self.inputs):
+            raise InputShapeError(f"the model takes {len(self.inputs)} input(s) "
+                                  f"({', '.join(s.name for s in self.inputs)}); got {len(arrays) + len(named)}")
+        unknown = sorted(set(named) - {s.name for s in self.inputs})
+        if unknown:
+            raise InputShapeError(f"unknown input name(s) {unknown}; inputs are {sorted(s.name for s in self.inputs)}")
+        by_pos, values = list(arrays), []
+        for spec in self.inputs:
+            arr = np.asarray(named[spec.name] if spec.name in named else by_pos.pop(0))
+            if tuple(arr.shape) != spec.shape:
+                raise InputShapeError(f"input {spec.name!r} has shape {list(arr.shape)}; the module was "
+                                      f"compiled for {list(spec.shape)}")
+            if str(arr.dtype) != spec.dtype:
+                if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
+                    raise InputShapeError(f"input {spec.name!r} has dtype {arr.dtype}; expected {spec.dtype}")
+                arr = arr.astype(spec.dtype)
+            values.append(np.ascontiguousarray(arr))
+        return values
+
+    @staticmethod
+    def _shape_outputs(outs: list[np.ndarray]):
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def run(self, *arrays, **named):
+        """Run on the emulated device. Returns one array, or a tuple for several outputs."""
+        args = self._arrange(arrays, named)  # bad inputs fail before the emulator starts
+        outs, _ = session().run(self.path, args)
+        return self._shape_outputs(outs)
+
+    __call__ = run
+
+    def run_many(self, batches: Sequence[Sequence]) -> list:
+        """Run once per input tuple in ``batches`` (one emulator process for all of them)."""
+        return [self.run(*b) for b in batches]
+
+    def benchmark(self, *arrays, repeat: int = 10, warmup: int = 2, **named):
+        """Time runs on the emulated device. Timings are for correctness checks only (see TIMING_NOTE)."""
+        from .module import BenchmarkResult
+
+        if not arrays and not named:
+            arrays = tuple(self.random_inputs())
+        args = self._arrange(arrays, named)
+        _, rec = session().run(self.path, args, warmup=warmup, repeat=max(repeat, 1))
+        times = rec["times_ms"]
+        return BenchmarkResult(statistics.mean(times), statistics.median(times),
+                               statistics.stdev(times) if len(times) > 1 else 0.0, min(times), max(times),
+                               len(times))
+
+    def __repr__(self) -> str:
+        return f"<EmulatedModule {self.path} target={self.meta['target']['name']} (emulated aarch64)>"
+
+
+def load(path: str | os.PathLike) -> EmulatedModule:
+    """An aarch64 module at ``path``, to run on the emulated device (checks the device is set up)."""
+    mod = EmulatedModule(path)
+    find()
+    return mod
+
+
+def _as_path(module, workdir: str) -> Path:
+    if isinstance(module, (str, os.PathLike)):
+        return Path(module)
+    if hasattr(module, "export"):  # a CompiledModule built for an aarch64 target
+        digest = hashlib.sha256(json.dumps(module.meta, sort_keys=True).encode()).hexdigest()[:12]
+        return module.export(Path(workdir) / f"module-{digest}.so")
+    raise TypeError(f"expected a module path or a CompiledModule, got {type(module).__name__}")
+
+
+def run(module, *arrays, **named):
+    """Run ``module`` (an aarch64 ``.so`` path, or a ``CompiledModule`` compiled for an aarch64 target)
+    on the emulated device; returns the outputs as ``CompiledModule.run`` does."""
+    with tempfile.TemporaryDirectory(prefix="kiln-emu-export-") as work:
+        return load(_as_path(module, work)).run(*arrays, **named)
+
+
+def run_many(module, batches: Sequence[Sequence]) -> list:
+    """``run`` for each input tuple in ``batches``, in one emulator process."""
+    with tempfile.TemporaryDirectory(prefix="kiln-emu-export-") as work:
+        return load(_as_path(module, work)).run_many(batches)

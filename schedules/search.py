@@ -1,0 +1,198 @@
+"""Schedule search: MetaSchedule tasks, builder, runner and one tuning round, as Kiln uses them.
+
+``compiler.tuning`` drives the search in rounds; this module holds the MetaSchedule-specific parts:
+
+* :func:`extract_tasks` — one :class:`Task` per fused TIR kernel of the module that
+  ``compiler.pipeline.fuse`` returns (the module compile schedules), keyed exactly as
+  ``MetaScheduleApplyDatabase`` looks records up (the PrimFunc as the ``main`` of an IRModule).
+* :class:`Searcher` — the builder, runner and XGBoost cost model of one tuning run, kept across
+  rounds: the builder's worker processes are started once (MetaSchedule's ``LocalBuilder`` starts
+  fresh ones for every batch, and each spends tens of seconds importing ``tvm.s_tir.tensor_intrin``
+  on this machine), and the cost model keeps learning from one round to the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+
+import tvm
+import tvm_ffi
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+log = logging.getLogger(__name__)
+
+#: Seconds a worker may spend compiling one candidate (worker start-up is not counted).
+BUILD_TIMEOUT_S = 60.0
+#: Seconds the runner may spend measuring one candidate.
+RUN_TIMEOUT_S = 60.0
+#: A builder worker is replaced after this many builds (TVM's pool workers leak memory).
+BUILDER_WORKER_USES = 64
+
+
+@dataclass
+class Task:
+    """One kernel to tune: ``mod`` is the PrimFunc as the ``main`` of an IRModule (the key records are
+    stored and looked up by), ``weight`` how often the model calls it, ``kernel`` the fused function's
+    name in the module (``name`` is the task name: the same, unless two kernels share a workload)."""
+
+    name: str
+    mod: tvm.IRModule
+    weight: float
+    kernels: tuple[str, ...]
+
+
+def normalize(func: tvm.tirx.PrimFunc) -> tvm.IRModule:
+    """The IRModule MetaSchedule keys a PrimFunc's records by (what ``MetaScheduleApplyDatabase`` queries)."""
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
+def extract_tasks(fused: tvm.IRModule, target) -> list[Task]:
+    """One task per distinct fused kernel of ``fused`` (already fused: nothing is re-lowered or re-fused).
+
+    Kernels with structurally equal PrimFuncs share a task (their weights add up). The task modules
+    are built here from the PrimFuncs with :func:`normalize`, the same normalisation
+    ``MetaScheduleApplyDatabase`` applies when it looks a kernel up, so every record found by
+    tuning answers compile's query for that kernel.
+    """
+    from tvm import relax
+
+    calls: dict[str, int] = {}
+
+    def count(expr):
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.call_tir":
+            calls[expr.args[0].name_hint] = calls.get(expr.args[0].name_hint, 0) + 1
+
+    for _gv, func in fused.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, count)
+    tasks: list[Task] = []
+    for gv, func in sorted(fused.functions_items(), key=lambda kv: kv[0].name_hint):
+        if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
+            continue
+        mod = normalize(func)
+        weight = float(calls.get(gv.name_hint, 1))
+        for task in tasks:
+            if tvm_ffi.structural_equal(task.mod, mod):
+                task.weight += weight
+                task.kernels += (gv.name_hint,)
+                break
+        else:
+            tasks.append(Task(gv.name_hint, mod, weight, (gv.name_hint,)))
+    return tasks
+
+
+# -- builder --------------------------------------------------------------------------------------
+def _import_tvm() -> None:  # worker initializer: pay TVM's import before the first timed build
+    import tvm  # noqa: F401
+
+
+def _build_worker(mod, target, params):
+    """Compile one candidate and export it as a tar (MetaSchedule's default build, without importing
+    ``tvm.s_tir.tensor_intrin``: tensorised candidates arrive with the intrinsics already inlined)."""
+    import os
+    import tempfile
+
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+    from tvm.support.tar import tar
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    rt_mod = tvm_build(mod, target=target)
+    path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod." + tar.output_format)
+    rt_mod.export_library(path, fcompile=tar)
+    return path
+
+
+@derived_object
+class PersistentBuilder(ms.builder.PyBuilder):
+    """A local builder whose worker processes live for the whole tuning run (recycled every
+    :data:`BUILDER_WORKER_USES` builds), instead of MetaSchedule's fresh pool per batch."""
+
+    def __init__(self, max_workers: int, timeout_sec: float = BUILD_TIMEOUT_S):
+        super().__init__()
+        self.max_workers = max_workers
+        self.timeout_sec = timeout_sec
+        self._pool = None
+
+    def _get_pool(self):
+        from tvm.support.popen_pool import PopenPoolExecutor
+
+        if self._pool is None:
+            self._pool = PopenPoolExecutor(max_workers=self.max_workers, timeout=self.timeout_sec,
+                                           initializer=_import_tvm,
+                                           maximum_process_uses=BUILDER_WORKER_USES)
+        return self._pool
+
+    def build(self, build_inputs):
+        from tvm.support.popen_pool import StatusKind
+
+        pool = self._get_pool()
+        results = []
+        for res in pool.map_with_error_catching(
+            lambda x: _build_worker(*x), [(b.mod, b.target, None) for b in build_inputs]
+        ):
+            if res.status == StatusKind.COMPLETE:
+                results.append(ms.builder.BuilderResult(res.value, None))
+            elif res.status == StatusKind.TIMEOUT:
+                results.append(ms.builder.BuilderResult(None, f"build timed out after {self.timeout_sec} s"))
+            else:
+                results.append(ms.builder.BuilderResult(None, f"build failed:\n{res.value}"))
+        return results
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
+# -- the search -----------------------------------------------------------------------------------
+class Searcher:
+    """Builder, runner and cost model shared by every round of one tuning run.
+
+    ``run(task, trials, database, seed)`` spends ``trials`` measured trials on one task: MetaSchedule's
+    evolutionary search, seeded from the best records of ``database`` for that task, guided by the
+    XGBoost cost model, each measured candidate appended to ``database``.
+    """
+
+    def __init__(self, target, num_threads: int, log_dir: str):
+        self.target = target
+        self.num_threads = max(1, num_threads)
+        self.log_dir = log_dir
+        self.builder = PersistentBuilder(max_workers=self.num_threads)
+        self.runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)
+        self.cost_model = ms.cost_model.XGBModel(num_tuning_cores=self.num_threads, tree_method="auto")
+
+    def run(self, task: Task, trials: int, database, seed: int) -> None:
+        ctx = ms.TuneContext(
+            mod=task.mod,
+            target=self.target,
+            space_generator="post-order-apply",
+            search_strategy="evolutionary",
+            task_name=task.name,
+            logger=logging.getLogger(f"kiln.tuning.task.{task.name}"),
+            rand_state=zlib.crc32(f"{task.name}:{seed}".encode()) & 0x7FFFFFFF,
+            num_threads=self.num_threads,
+        ).clone()
+        ms.tune_tasks(
+            tasks=[ctx],
+            task_weights=[task.weight],
+            work_dir=self.log_dir,
+            max_trials_global=trials,
+            max_trials_per_task=trials,
+            num_trials_per_iter=trials,
+            builder=self.builder,
+            runner=self.runner,
+            database=database,
+            cost_model=self.cost_model,
+            task_scheduler="round-robin",
+        )
+
+    def close(self) -> None:
+        self.builder.shutdown()
+        try:
+            self.runner.pool.shutdown()
+        except Exception:  # pragma: no cover - best effort
+            pass
