@@ -166,29 +166,10 @@ def _inline_all(sch: s_tir.Schedule, blocks: list) -> list:
     return remaining
 
 
-class Elementwise(ScheduleRule):
-    """Injective kernels: inline into the outputs, vectorise the contiguous axis, parallelise the rest."""
-
-    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
-            return None
-        try:
-            sch = s_tir.Schedule(func)
-            infos = normalize_prim_func(sch)
-            if not infos or not all(b.is_injective() for b in infos):
-                return None
-            remaining = _inline_all(sch, [b.block_rv for b in infos])
-            for b in remaining:
-                schedule_spatial_block(sch, b, target)
-            return sch
-        except Exception as err:  # pylint: disable=broad-except
-            log.debug("Elementwise rule declined: %s", err)
-            return None
-
-
-class Fallback(ScheduleRule):
-    """Anything left: parallelise the leading data-parallel loops of every root block, vectorise
-    purely spatial blocks. Never changes semantics (TVM verifies each primitive)."""
+class GuardedRule(ScheduleRule):
+    """Base of Kiln's LLVM rules: ``apply`` declines (returns None) for non-LLVM targets and for any
+    function on which a schedule primitive fails, so the next rule gets its turn. Subclasses write
+    ``_apply(func, target) -> Schedule | None``."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
@@ -196,8 +177,30 @@ class Fallback(ScheduleRule):
         try:
             return self._apply(func, target)
         except Exception as err:  # pylint: disable=broad-except
-            log.debug("Fallback rule declined: %s", err)
+            log.debug("%s rule declined: %s", type(self).__name__, err)
             return None
+
+    def _apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+        raise NotImplementedError
+
+
+class Elementwise(GuardedRule):
+    """Injective kernels: inline into the outputs, vectorise the contiguous axis, parallelise the rest."""
+
+    def _apply(self, func, target):
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos or not all(b.is_injective() for b in infos):
+            return None
+        remaining = _inline_all(sch, [b.block_rv for b in infos])
+        for b in remaining:
+            schedule_spatial_block(sch, b, target)
+        return sch
+
+
+class Fallback(GuardedRule):
+    """Anything left: parallelise the leading data-parallel loops of every root block, vectorise
+    purely spatial blocks. Never changes semantics (TVM verifies each primitive)."""
 
     def _apply(self, func, target):
         sch = s_tir.Schedule(func)

@@ -63,7 +63,7 @@ from tvm.s_tir.dlight.gpu.matmul import IterKind
 from tvm.tirx.analysis import undefined_vars
 from tvm.target import Target
 
-from .elementwise import schedule_spatial_block, vector_bits, vector_lanes
+from .elementwise import GuardedRule, schedule_spatial_block, vector_bits, vector_lanes
 
 log = logging.getLogger(__name__)
 
@@ -137,23 +137,7 @@ def _gemv_rows_impl(self, sch, main_rv, func, target, unit_loops, j_loop, k_loop
     par = sch.fuse(*unit_loops, jt) if unit_loops else jt
     if macs >= PARALLEL_MIN_MACS:
         sch.parallel(par)
-    if not epilogue:
-        epilogue = [sch.cache_write(main_rv, 0, "local")]
-        writes_local = True
-    else:
-        writes_local = False
-    attached = []
-    for e in epilogue:
-        try:
-            sch.reverse_compute_at(e, par, preserve_unit_loops=True)
-            attached.append(e)
-        except Exception:  # pylint: disable=broad-except
-            schedule_spatial_block(sch, e, target)
-    if not writes_local and len(attached) == len(epilogue):
-        try:
-            sch.set_scope(main_rv, 0, "local")
-        except Exception:  # pylint: disable=broad-except
-            pass
+    attached = _attach_epilogue(sch, main_rv, epilogue, par, target)
     sch.vectorize(jv)
     sch.decompose_reduction(main_rv, k_loop)
     for e in attached:
@@ -188,7 +172,29 @@ def _pick_mr(m: int, max_mr: int) -> int:
     return max_mr
 
 
-class Matmul(ScheduleRule):
+def _attach_epilogue(sch, main_rv, epilogue: list, loop, target: Target) -> list:
+    """Compute the epilogue blocks (or, without any, a register cache of the result) per tile
+    under ``loop``; when all of them attach, the main block accumulates in registers.
+    Returns the blocks that were attached under ``loop``."""
+    writes_local = not epilogue
+    if writes_local:
+        epilogue = [sch.cache_write(main_rv, 0, "local")]
+    attached = []
+    for e in epilogue:
+        try:
+            sch.reverse_compute_at(e, loop, preserve_unit_loops=True)
+            attached.append(e)
+        except Exception:  # pylint: disable=broad-except
+            schedule_spatial_block(sch, e, target)
+    if not writes_local and len(attached) == len(epilogue):
+        try:
+            sch.set_scope(main_rv, 0, "local")
+        except Exception:  # pylint: disable=broad-except
+            pass
+    return attached
+
+
+class Matmul(GuardedRule):
     """Register-blocked, vectorised, parallel GEMM / batched GEMM / GEMV with fused epilogues."""
 
     def __init__(self, max_rows: int | None = None, max_col_vectors: int | None = None,
@@ -200,15 +206,6 @@ class Matmul(ScheduleRule):
         self.stream_min_bytes = stream_min_bytes
 
     _gemv_rows = _gemv_rows_impl
-
-    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
-            return None
-        try:
-            return self._apply(func, target)
-        except Exception as err:  # pylint: disable=broad-except
-            log.debug("Matmul rule declined: %s", err)
-            return None
 
     # ------------------------------------------------------------------------------------------
     def _apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
@@ -403,24 +400,7 @@ class Matmul(ScheduleRule):
             sch.parallel(par)
 
         # -- 6. accumulator tile in registers --------------------------------------------------------
-        if not epilogue:
-            acc = sch.cache_write(main_rv, 0, "local")
-            epilogue = [acc]
-            writes_local = True
-        else:
-            writes_local = False
-        attached = []
-        for e in epilogue:
-            try:
-                sch.reverse_compute_at(e, tile_loop, preserve_unit_loops=True)
-                attached.append(e)
-            except Exception:  # pylint: disable=broad-except
-                schedule_spatial_block(sch, e, target)
-        if not writes_local and len(attached) == len(epilogue):
-            try:
-                sch.set_scope(main_rv, 0, "local")
-            except Exception:  # pylint: disable=broad-except
-                pass
+        attached = _attach_epilogue(sch, main_rv, epilogue, tile_loop, target)
 
         # vectorise / unroll before decompose_reduction: the primitives need the block to still be
         # a complete reduction; the init block copies the loop kinds.

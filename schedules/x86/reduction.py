@@ -40,7 +40,7 @@ from tvm.s_tir.dlight import ScheduleRule
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.target import Target
 
-from .elementwise import PARALLEL_MIN_ELEMENTS, schedule_spatial_block, vector_lanes
+from .elementwise import GuardedRule, PARALLEL_MIN_ELEMENTS, schedule_spatial_block, vector_lanes
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +62,8 @@ def _pow2_divisor(extent: int, lanes: int) -> int:
     return 1
 
 
-class Reduction(ScheduleRule):
+class Reduction(GuardedRule):
     """Parallel rows, vectorised (rfactor) row reductions, vectorised column reductions."""
-
-    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
-            return None
-        try:
-            return self._apply(func, target)
-        except Exception as err:  # pylint: disable=broad-except
-            log.debug("Reduction rule declined: %s", err)
-            return None
 
     # ------------------------------------------------------------------------------------------
     def _apply(self, func, target):
