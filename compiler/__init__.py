@@ -13,7 +13,7 @@ from .errors import KilnError  # noqa: E402
 
 
 def compile(model, target="x86", *, example_inputs=None, input_shapes=None, input_dtypes=None,
-            tuning_logs=None):
+            tuning_logs=None, precision="fp32"):
     """Compile ``model`` for ``target`` and return a :class:`CompiledModule`.
 
     ``model``: a ``torch.nn.Module`` (with ``example_inputs``), a ``torch.export.ExportedProgram``,
@@ -24,11 +24,14 @@ def compile(model, target="x86", *, example_inputs=None, input_shapes=None, inpu
     for this target is applied, every other kernel gets Kiln's default schedule (a warning lists
     them; ``CompiledModule.meta`` gets ``tuned_kernels`` and ``untuned_kernels``). A missing
     directory, or one with no records for this target, is a ``TuningError``.
+    ``precision``: ``"fp32"`` (default) or ``"fp16"`` (NVIDIA GPU targets: FP16 compute with FP32
+    accumulation in matmuls and convolutions; inputs and outputs stay FP32). Anything else, or fp16
+    on a CPU target, is a ``KilnError`` naming the choices.
     """
     from .build import compile_model
 
     return compile_model(model, target, example_inputs=example_inputs, input_shapes=input_shapes,
-                         input_dtypes=input_dtypes, tuning_logs=tuning_logs)
+                         input_dtypes=input_dtypes, tuning_logs=tuning_logs, precision=precision)
 
 
 def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=None, time_budget=None,

@@ -41,8 +41,10 @@ def resolve_target(target) -> TargetDescription:
 
 
 def buildable(desc: TargetDescription) -> bool:
-    """True when this Kiln version can compile for ``desc`` (x86, and ARM Linux by cross-compiling)."""
-    return (desc.family in ("x86", "arm") and desc.kind == "llvm") or (desc.family == "mcu" and desc.kind == "c")
+    """True when this Kiln version can compile for ``desc`` (x86, ARM Linux by cross-compiling,
+    microcontrollers as C, NVIDIA GPUs with nvcc)."""
+    return ((desc.family in ("x86", "arm") and desc.kind == "llvm") or (desc.family == "mcu" and desc.kind == "c")
+            or (desc.family == "cuda" and desc.kind == "cuda"))
 
 
 def import_model(model, *, example_inputs=None, input_shapes=None, input_dtypes=None) -> ImportedModel:
@@ -106,9 +108,14 @@ def open_tuning_logs(path, target: TargetDescription):
 
 
 def compile_model(model, target="x86", *, example_inputs=None, input_shapes=None, input_dtypes=None,
-                  tuning_logs=None) -> CompiledModule:
+                  tuning_logs=None, precision="fp32") -> CompiledModule:
     """See :func:`compiler.compile`."""
+    from . import cuda
+
     desc = resolve_target(target)
+    cuda.check_precision(precision, desc)
+    if desc.family == "cuda":
+        cuda.check_nvcc(desc.name)  # before any work: a missing nvcc is a clear TargetError
     if desc.family == "mcu" and buildable(desc):  # a self-contained C library (compiler/mcu)
         from .mcu import compile_mcu
 
@@ -117,12 +124,12 @@ def compile_model(model, target="x86", *, example_inputs=None, input_shapes=None
     if not buildable(desc):
         raise TargetError(
             f"target {desc.name!r} ({desc.family}) cannot be built by Kiln {__version__} yet; "
-            "the x86 and ARM targets can: see `kiln targets`"
+            "the x86, ARM, microcontroller and NVIDIA GPU targets can: see `kiln targets`"
         )
     t0 = time.perf_counter()
     imported = import_model(model, example_inputs=example_inputs, input_shapes=input_shapes,
                             input_dtypes=input_dtypes)
-    prepared = pipeline.prepare(imported.mod, desc)
+    prepared = cuda.mixed_precision(pipeline.prepare(imported.mod, desc), precision)
     fused, groups = pipeline.fuse(prepared, desc)
     tuned: list[str] = []
     if tuning_logs is not None:
@@ -130,7 +137,11 @@ def compile_model(model, target="x86", *, example_inputs=None, input_shapes=None
         scheduled = pipeline.schedule(applied, desc)
     else:
         scheduled = pipeline.schedule(fused, desc)
-    executable = pipeline.build(scheduled, desc)
+    if desc.family == "cuda":  # nvcc-compiled device code embedded, not CUDA source (compiler/cuda.py)
+        with cuda.build_environment(desc.name):
+            executable = pipeline.build(scheduled, desc)
+    else:
+        executable = pipeline.build(scheduled, desc)
     kernels = kernel_table(fused, groups)
     meta = {
         "format": 1,
@@ -143,6 +154,7 @@ def compile_model(model, target="x86", *, example_inputs=None, input_shapes=None
         "kernels": [k.to_json() for k in kernels],
         "params": imported.num_params,
         "flops": sum(k.flops for k in kernels),
+        "precision": precision,
     }
     if tuning_logs is not None:
         untuned = sorted(k.name for k in kernels if k.name not in tuned)
@@ -206,7 +218,13 @@ def load_module(path, device: str = "cpu") -> CompiledModule:
             f"{path} was written by Kiln {meta.get('kiln_version', '?')} (metadata format "
             f"{meta.get('format', '?')}); this is Kiln {__version__}: recompile the model"
         )
-    needed = set(meta["target"].get("features", ())) - set(targets.host_description().features)
+    if meta["target"].get("kind") == "cuda":  # GPU features are not CPU features: check the GPU instead
+        from . import cuda
+
+        cuda.check_device(meta["target"], path)
+        needed = set()
+    else:
+        needed = set(meta["target"].get("features", ())) - set(targets.host_description().features)
     if needed:
         raise IncompatibleModuleError(
             f"{path} was compiled for {meta['target']['name']!r} and uses CPU features this machine "

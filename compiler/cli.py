@@ -5,6 +5,7 @@
     kiln package model.so --target rpi4 [-o bundle/]
     kiln info MODEL
     kiln tune MODEL --target x86 [--trials N] [--time-budget 8h|30m|90s] [--log-dir DIR]
+    kiln logs list|merge|export|import ...
     kiln targets
 
 MODEL is an ONNX file, a ``torch.export`` ``.pt2`` file, or ``zoo:NAME`` (``kiln info zoo:`` lists
@@ -51,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME:SHAPE",
                    help="fix an input's shape, e.g. input:1x3x224x224 (repeatable)")
     c.add_argument("--tuning-logs", help="tuning-log directory to take tuned schedules from")
+    c.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
+                   help="fp16: FP16 compute with FP32 accumulation (NVIDIA GPU targets); default fp32")
     c.add_argument("--summary", action="store_true", help="print the fused kernels after compiling")
 
     r = sub.add_parser("run", help="run a compiled module on inputs from an .npz file (or random inputs)")
@@ -81,6 +84,25 @@ def _parser() -> argparse.ArgumentParser:
                     help="fix an input's shape, e.g. input:1x3x224x224 (repeatable)")
     tu.add_argument("--restart", action="store_true", help="set existing logs for this target aside and start over")
 
+    lg = sub.add_parser("logs", help="list, merge, export and import tuning logs",
+                        description="Tuning logs hold one database per target fingerprint. list: what a log "
+                        "directory holds; merge: pool databases of the same target (from several machines); "
+                        "export/import: ship one target's database as a .tar.gz.")
+    lsub = lg.add_subparsers(dest="logs_command", required=True, metavar="ACTION")
+    ll = lsub.add_parser("list", help="targets, workloads, records and best estimates in a log directory")
+    ll.add_argument("--log-dir", default="tuning_logs", help="tuning-log directory (default: tuning_logs)")
+    lm = lsub.add_parser("merge", help="merge tuning logs of one target into --log-dir")
+    lm.add_argument("sources", nargs="+", metavar="SRC", help="tuning-log directories or per-target folders")
+    lm.add_argument("--log-dir", required=True, help="destination tuning-log directory")
+    lm.add_argument("--target", "-t", help="merge only this target's logs (sources holding several targets)")
+    le = lsub.add_parser("export", help="write one target's logs to a .tar.gz")
+    le.add_argument("--target", "-t", default="x86", help="target name (default: x86)")
+    le.add_argument("--log-dir", default="tuning_logs", help="tuning-log directory (default: tuning_logs)")
+    le.add_argument("-o", "--output", required=True, help="archive path (.tar.gz)")
+    li = lsub.add_parser("import", help="merge an exported .tar.gz into a log directory")
+    li.add_argument("archive", help=".tar.gz written by `kiln logs export`")
+    li.add_argument("--log-dir", default="tuning_logs", help="tuning-log directory (default: tuning_logs)")
+
     k = sub.add_parser("package", help="bundle a compiled module with the runtime and a C++ runner for a board",
                        description="Write a directory with the module, the TVM runtime libraries for the board, a "
                                    "prebuilt C++ runner and a README: no Python or compiler needed on the board.")
@@ -100,7 +122,7 @@ def _cmd_compile(args) -> int:
     print(f"compiling {args.model} for target {args.target} -> {args.output}", flush=True)
     t0 = time.perf_counter()
     mod = compiler.compile(args.model, target=args.target, input_shapes=dict(args.input_shape) or None,
-                           tuning_logs=args.tuning_logs)
+                           tuning_logs=args.tuning_logs, precision=args.precision)
     path = mod.export(args.output)
     if path.is_dir():  # a microcontroller C library (compiler/mcu)
         files = ", ".join(sorted(p.name for p in path.iterdir()))
@@ -183,6 +205,27 @@ def _cmd_tune(args) -> int:
     return 0
 
 
+def _cmd_logs(args) -> int:
+    import targets
+    from schedules import database
+
+    if args.logs_command == "list":
+        found = database.list_logs(args.log_dir)
+        if not found:
+            print(f"{args.log_dir}: no tuning logs")
+        for summary in found:
+            print(summary)
+    elif args.logs_command == "merge":
+        target = targets.get(args.target) if args.target else None
+        print(database.merge(args.sources, args.log_dir, target=target))
+    elif args.logs_command == "export":
+        out = database.export_logs(args.log_dir, targets.get(args.target), args.output)
+        print(f"wrote {out} ({out.stat().st_size / 1e3:.1f} kB)")
+    else:
+        print(database.import_logs(args.archive, args.log_dir))
+    return 0
+
+
 def _cmd_package(args) -> int:
     from compiler.package import package
 
@@ -210,7 +253,7 @@ def _cmd_targets(_args) -> int:
 
 
 _COMMANDS = {"compile": _cmd_compile, "run": _cmd_run, "info": _cmd_info, "tune": _cmd_tune,
-             "package": _cmd_package, "targets": _cmd_targets}
+             "package": _cmd_package, "targets": _cmd_targets, "logs": _cmd_logs}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,8 +85,11 @@ class CompiledModule:
         self.meta = meta
         self.inputs = [TensorSpec.from_json(d) for d in meta["inputs"]]
         self.outputs = [TensorSpec.from_json(d) for d in meta["outputs"]]
+        if self.target.kind == "cuda" and device == "cpu":  # a GPU module runs on the GPU (inputs copied)
+            device = "cuda"
         self._device = tvm.device(device)
-        # A module cross-compiled for another CPU (e.g. aarch64) cannot run here: no local VM for it.
+        # A module cross-compiled for another CPU (e.g. aarch64), or for a GPU on a machine without one,
+        # cannot run here: no local VM for it (creating one would fail).
         self.runs_here = not self.target.is_cross
         if self.runs_here:
             _use_all_cores()
@@ -98,6 +101,12 @@ class CompiledModule:
             from .errors import IncompatibleModuleError
 
             t = self.target
+            if t.kind == "cuda":
+                raise IncompatibleModuleError(
+                    f"cannot {what} a module compiled for the NVIDIA GPU target {t.name!r} ({t.arch}): this "
+                    f"machine has no CUDA GPU (a GPU is needed to run it). `.export('model.so')` it and run it "
+                    f"on a machine with a matching GPU (`kiln run model.so` there), or recompile with --target x86"
+                )
             raise IncompatibleModuleError(
                 f"cannot {what} a module compiled for {t.name!r} ({t.triple}) on this machine: "
                 f"`.export('model.so')` it and run it on the device, or on the emulated device with "
@@ -201,7 +210,12 @@ class CompiledModule:
         from . import artifact
         from .build import export_compiler
 
-        return artifact.export(self._executable, path, self.meta, fcompile=export_compiler(self.target))
+        out = artifact.export(self._executable, path, self.meta, fcompile=export_compiler(self.target))
+        if self.target.kind == "cuda":  # compiled SASS for the target's sm_XX inside, not CUDA source
+            from .cuda import check_device_code
+
+            check_device_code(out, self.target.arch)
+        return out
 
     def __repr__(self) -> str:
         ins = ", ".join(f"{s.name}{list(s.shape)}" for s in self.inputs)

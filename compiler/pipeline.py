@@ -94,18 +94,36 @@ def schedule(mod: tvm.IRModule, target: TargetDescription, database=None) -> tvm
     if database is not None:
         mod, _tuned = apply_records(mod, target, database)
     with target.to_tvm():
-        return schedules.default_schedule_pass(target)(mod)
+        return tvm.transform.Sequential(
+            [
+                schedules.default_schedule_pass(target),
+                # Schedules (Kiln's conv rule, MetaSchedule records) may repack constant weights in
+                # blocks marked ``meta_schedule.layout_rewrite_preproc``: split those out of the
+                # kernels and fold them into the constants, so the repack runs once at compile time.
+                relax.transform.SplitLayoutRewritePreproc(),
+                relax.transform.FoldConstant(),
+                relax.transform.DeadCodeElimination(),
+            ],
+            name="kiln.schedule",
+        )(mod)
 
 
 def build(mod: tvm.IRModule, target: TargetDescription) -> relax.VMExecutable:
-    """Lower the scheduled module to a VM executable (memory planning, codegen)."""
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    """Lower the scheduled module to a VM executable (memory planning, codegen).
+
+    The family's TVM backend passes (library dispatch, dataflow lowering, finalisation), not its
+    legalisation: ``fuse`` and ``schedule`` already did that. CUDA builds need
+    ``compiler.cuda.build_environment`` around this call to embed compiled device code."""
+    if target.family == "cuda":
+        from tvm.relax.backend.cuda import pipeline as backend
+    else:
+        from tvm.relax.backend.cpu_generic import pipeline as backend
 
     tvm_target = target.to_tvm()
     relax_pipeline = tvm.transform.Sequential(
-        cpu.library_dispatch_passes(tvm_target)
-        + cpu.dataflow_lower_passes(tvm_target)
-        + cpu.finalize_passes(tvm_target),
+        backend.library_dispatch_passes(tvm_target)
+        + backend.dataflow_lower_passes(tvm_target)
+        + backend.finalize_passes(tvm_target),
         name="kiln.finalize",
     )
     with tvm_target:

@@ -3,6 +3,12 @@
 Tuning and compiling share one pipeline: tasks are the fused kernels of exactly the module
 ``pipeline.fuse(pipeline.prepare(imported.mod, target), target)`` returns, the module ``compile``
 schedules, so every record found here answers compile's query for its kernel.
+
+Never slower than the defaults: the first time a task is tuned, Kiln's default schedule for it is
+built like a candidate, timed by the runner that times candidates, and stored as a record of the
+task (``schedules.search.Searcher.measure_defaults``). A task's best record is therefore at worst
+its default schedule, which compile then applies; and MetaSchedule's evolutionary search, which
+seeds from the best records, starts from it.
 """
 
 from __future__ import annotations
@@ -34,9 +40,11 @@ class TaskReport:
 
     ``name``: the task (kernel) name; ``kernels``: the fused kernels it covers; ``weight``: how many
     times one inference calls it; ``trials``: measured trials in the log for it (every run so far);
-    ``new_trials``: of those, measured by this run; ``best_ms``: its best measured latency (None
-    when no trial succeeded); ``default_ms``: its latency with Kiln's default schedule, measured at
-    the start of the run (None when that could not be built or timed).
+    ``new_trials``: of those, measured by this run; ``best_ms``: its best record's measured
+    latency, the default schedule's record included (None when nothing was measured);
+    ``default_ms``: its latency with Kiln's default schedule, measured by the runner that measures
+    candidates when the task was first tuned (None when that could not be built or timed);
+    ``best_is_default``: the best record is the default schedule (no trial beat it yet).
     """
 
     name: str
@@ -46,6 +54,7 @@ class TaskReport:
     new_trials: int
     best_ms: float | None
     default_ms: float | None
+    best_is_default: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,8 +67,11 @@ class TuningReport:
     run; ``elapsed_s``: wall time of the run; ``rounds``: rounds run; ``stopped_by``: ``"trials"``
     (every task reached its share of ``trials``) or ``"time"`` (the next batch would not fit in
     ``time_budget``); ``estimated_ms``: estimated end-to-end kernel time, the sum over tasks of
-    weight x best latency (tasks without a record count at their default latency; None if
-    neither is known for some task); ``default_estimated_ms``: the same sum with default latencies.
+    weight x best record's latency (the schedule compile applies; tasks without a record count at
+    their default latency; None if neither is known for some task); ``default_estimated_ms``: the
+    same sum with default latencies, measured the same way. ``cost_model``: ``"warm"`` when the
+    search started from the cost model saved with the logs, ``"cold"`` when it started from scratch,
+    ``None`` when no search ran.
     """
 
     model: str
@@ -75,24 +87,28 @@ class TuningReport:
     estimated_ms: float | None
     default_estimated_ms: float | None
     repairs: tuple[str, ...] = field(default=())
+    cost_model: str | None = None
 
     def __str__(self) -> str:
         lines = [f"tuned {self.model} for {self.target} ({self.fingerprint}): {self.new_trials} new trials, "
                  f"{self.total_trials} in the log, {_hms(self.elapsed_s)}, stopped by {self.stopped_by}",
                  f"  logs: {self.log_dir}"]
         if self.estimated_ms is not None:
-            default = (f" (default schedules {self.default_estimated_ms:.3f} ms, "
-                       f"{self.default_estimated_ms / self.estimated_ms:.2f}x)" if self.default_estimated_ms else "")
-            lines.append(f"  estimated end-to-end kernel time: {self.estimated_ms:.3f} ms{default}")
+            default = (f" (default schedules {self.default_estimated_ms:.4g} ms, "
+                       f"{self.default_estimated_ms / self.estimated_ms:.2f}x faster)"
+                       if self.default_estimated_ms else "")
+            lines.append(f"  estimated end-to-end kernel time: {self.estimated_ms:.4g} ms{default}")
         width = max((len(t.name) for t in self.tasks), default=4)
         lines.append(f"  {'task':<{width}}  weight  trials   best ms   default ms")
         for t in self.tasks:
-            lines.append(f"  {t.name:<{width}}  {t.weight:>6g}  {t.trials:>6}  {_ms(t.best_ms):>8}  {_ms(t.default_ms):>11}")
+            note = "  (default schedule)" if t.best_is_default else ""
+            lines.append(f"  {t.name:<{width}}  {t.weight:>6g}  {t.trials:>6}  {_ms(t.best_ms):>8}  "
+                         f"{_ms(t.default_ms):>11}{note}")
         return "\n".join(lines)
 
 
 def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4f}"
+    return "-" if v is None else f"{v:.4f}" if v >= 0.001 else f"{v:.2e}"
 
 
 def _hms(seconds: float) -> str:
@@ -129,36 +145,6 @@ def _shares(total: int, tasks, priority) -> list[int]:
     return shares
 
 
-def _default_latency_ms(task, desc: TargetDescription) -> float | None:
-    """The kernel's latency with Kiln's default schedule (None if it cannot be built or timed)."""
-    import numpy as np
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
-
-    import schedules
-
-    try:
-        # DLight's ApplyDefaultSchedule writes into the module it is given: schedule a copy.
-        mod = tvm.IRModule({"main": task.mod["main"]})
-        with desc.to_tvm():
-            mod = schedules.default_schedule_pass(desc)(mod)
-        from tvm.driver import build as tvm_build
-
-        rt = tvm_build(mod, target=desc.to_tvm())
-        dev = tvm.cpu()
-        args = []
-        for info in ms.arg_info.ArgInfo.from_prim_func(task.mod["main"]):
-            shape = [int(d) for d in info.shape]
-            dtype = str(info.dtype)
-            data = (np.random.default_rng(0).random(shape) if "float" in dtype else np.zeros(shape)).astype(dtype)
-            args.append(tvm.runtime.tensor(data, dev))
-        timer = rt.time_evaluator("main", dev, number=1, repeat=3, min_repeat_ms=20)
-        return float(np.median(timer(*args).results)) * 1e3
-    except Exception as err:  # a default-schedule problem must not stop tuning
-        log.debug("cannot time the default schedule of %s: %s", task.name, err)
-        return None
-
-
 def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=None, time_budget=None,
          log_dir="tuning_logs", resume=True) -> TuningReport:
     """See :func:`compiler.tune`."""
@@ -167,8 +153,9 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
     from schedules import database as logs_db
     from schedules import search
 
-    from . import pipeline
+    from . import __version__, pipeline
     from .build import buildable, import_model, resolve_target
+    from .module import _use_all_cores
 
     t_start = time.perf_counter()
     desc = resolve_target(target)
@@ -195,11 +182,38 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
     logs = logs_db.open_logs(log_dir, desc, create=True)
     db = logs.database
     keys = [str(tvm_ffi.structural_hash(t.mod)) for t in tasks]
+    logs_db.record_model(logs.work, name, [(t.name, k, t.weight) for t, k in zip(tasks, keys)])
+    # Candidates are measured in worker processes: let them use every core, as compiled modules do
+    # (TVM's runtime would otherwise start one thread on this 2-core machine and tune for that).
+    _use_all_cores()
+    searcher = None  # started when something must be measured: a finished run starts no workers
+    cost_model_path = str(logs.work / logs_db.COST_MODEL_FILE)
+
+    def start_searcher():
+        nonlocal searcher
+        if searcher is None:
+            searcher = search.Searcher(tvm_target, desc.cores, str(logs.work), cost_model=cost_model_path)
+        return searcher
+
+    # Kiln's default schedule of every task not seen before becomes a record of it (see module doc).
+    known = logs.defaults
+    fresh = [i for i, k in enumerate(keys) if known.get(k, {}).get("kiln_version") != __version__]
+    if fresh:
+        measured = start_searcher().measure_defaults([tasks[i] for i in fresh], desc, db)
+        for i, m in zip(fresh, measured):
+            trace = None
+            if m.record is not None:
+                db.commit_tuning_record(m.record)
+                trace = logs_db.record_trace_key(m.record)
+            else:
+                log.warning("task %s: %s; its tuned records are not checked against the default", tasks[i].name,
+                            m.error)
+            logs.set_default(keys[i], m.seconds * 1e3 if m.seconds is not None else None, trace)
+        known = logs.defaults
+    defaults = [known.get(k, {}).get("ms") for k in keys]
     counts0 = logs.record_counts()
     done = [counts0.get(k, 0) for k in keys]
     start_done = list(done)
-
-    defaults = [_default_latency_ms(t, desc) for t in tasks]
     flops_priority = [t.weight * (d or 0.0) for t, d in zip(tasks, defaults)]
     if trials is None and budget_s is None:
         trials = DEFAULT_TRIALS_PER_TASK * len(tasks)
@@ -214,6 +228,13 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
         secs = [float(s) for s in top[0].run_secs]
         mean = sum(secs) / len(secs)
         return mean * 1e3 if mean < 1e9 else None  # failed candidates are stored with 1e10 s
+
+    def best_is_default(i: int) -> bool:
+        trace = known.get(keys[i], {}).get("trace")
+        if not trace or not db.has_workload(tasks[i].mod):
+            return False
+        top = db.get_top_k(db.commit_workload(tasks[i].mod), 1)
+        return bool(top) and logs_db.record_trace_key(top[0]) == trace
 
     best = [best_ms(i) for i in range(len(tasks))]
 
@@ -240,7 +261,6 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
     log.info("tuning %s for %s: %d tasks, logs in %s, %s%s", name, desc.name, len(tasks), logs.work,
              f"{trials} trials" if trials is not None else "no trial limit",
              f", time budget {_hms(budget_s)}" if budget_s else "")
-    searcher = None  # started at the first batch: a run with nothing left to do starts no workers
     per_trial: list[float] = []  # seconds per trial of each batch but the first (which starts the workers)
 
     def predict(n: int) -> float:
@@ -251,6 +271,9 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
 
     rounds = 0
     stopped_by = "trials"
+
+    def ran_any() -> bool:
+        return sum(done) > sum(start_done)
     try:
         while True:
             # This round: every task still under its cap gets a batch, the ones that weigh most on
@@ -266,8 +289,7 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
                 if now + predict(n) > deadline:
                     stopped_by = "time"
                     break
-                if searcher is None:
-                    searcher = search.Searcher(tvm_target, desc.cores, str(logs.work))
+                start_searcher()
                 before = len(db)
                 searcher.run(tasks[i], n, db, seed=rounds * 7919 + done[i])
                 took = time.perf_counter() - now
@@ -288,6 +310,8 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
         raise
     finally:
         if searcher is not None:
+            if rounds or ran_any():
+                searcher.save_cost_model(cost_model_path)
             searcher.close()
         task_logger.removeHandler(handler)
         handler.close()
@@ -295,7 +319,8 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
 
     counts = logs.record_counts()
     reports = tuple(
-        TaskReport(t.name, t.kernels, t.weight, counts.get(k, 0), counts.get(k, 0) - start_done[i], best[i], defaults[i])
+        TaskReport(t.name, t.kernels, t.weight, counts.get(k, 0), counts.get(k, 0) - start_done[i], best[i], defaults[i],
+                   best_is_default(i))
         for i, (t, k) in enumerate(zip(tasks, keys))
     )
     report = TuningReport(
@@ -303,6 +328,8 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
         total_trials=sum(r.trials for r in reports), new_trials=sum(r.new_trials for r in reports),
         elapsed_s=time.perf_counter() - t_start, rounds=rounds, stopped_by=stopped_by,
         estimated_ms=current_estimate(), default_estimated_ms=estimate(defaults), repairs=tuple(logs.repairs),
+        cost_model=(None if searcher is None or not (rounds or ran_any())
+                    else "warm" if searcher.warm_started else "cold"),
     )
     log.info("done: %d new trials (%d in the log) in %s, stopped by %s%s", report.new_trials, report.total_trials,
              _hms(report.elapsed_s), stopped_by,

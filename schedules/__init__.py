@@ -7,7 +7,7 @@ Two entry points are used by ``compiler.pipeline``:
 * :func:`default_schedule_pass` — a pass over the fused module that schedules every PrimFunc not
   already scheduled (functions carrying ``tirx.is_scheduled``, e.g. from tuning records, are skipped).
 
-Per-family rules live in sub-packages (``schedules.x86``); each rule is a DLight ``ScheduleRule``.
+Per-family rules live in sub-packages (``schedules.x86``, ``schedules.cuda``); each rule is a DLight ``ScheduleRule``.
 """
 
 from __future__ import annotations
@@ -34,4 +34,8 @@ def default_schedule_pass(target: TargetDescription) -> tvm.transform.Pass:
         from . import x86
 
         return dl.ApplyDefaultSchedule(*x86.rules())
+    if target.family == "cuda":  # DLight's GPU rules plus Kiln's (schedules/cuda); apply inside `with target:`
+        from . import cuda
+
+        return dl.ApplyDefaultSchedule(*cuda.rules())
     return tvm.transform.Sequential([])

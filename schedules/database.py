@@ -7,7 +7,17 @@ Layout of a tuning-log directory::
         target.json                  the description, its fingerprint and the Kiln version that made it
         database_workload.json       MetaSchedule JSONDatabase: one workload (kernel) per line
         database_tuning_record.json  one measured candidate per line: [workload index, record]
+        defaults.json                Kiln's default schedule per workload: its latency, measured with
+                                     the runner that measures candidates, and its trace's key
+        models.json                  per model tuned here: its tasks (workload hash, weight), for
+                                     estimates after merges (`kiln logs list`)
+        cost_model.tar               MetaSchedule's XGBoost cost model after the last run (warm start)
         logs/                        MetaSchedule's per-task search logs (text, for debugging)
+
+Kiln's default schedule of every tuned kernel is itself a record in the database (its DLight trace,
+measured like any candidate): the best record of a kernel is therefore never slower than its
+default, compile applies it, and the evolutionary search starts from it. Default records are not
+trials: :meth:`TuningLogs.record_counts` leaves them out (``defaults.json`` names their traces).
 
 Records of different targets never share a database (TVM's JSON database ignores the target when
 it answers a query). Opening a directory whose ``target.json`` describes another target is an error.
@@ -36,6 +46,12 @@ log = logging.getLogger(__name__)
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 TARGET_FILE = "target.json"
+DEFAULTS_FILE = "defaults.json"
+MODELS_FILE = "models.json"
+COST_MODEL_FILE = "cost_model.tar"
+#: Files that make up one target's logs (what merge, export and import carry; not the cost model,
+#: which is a pickle: never load one from an archive).
+DATA_FILES = (TARGET_FILE, WORKLOAD_FILE, RECORD_FILE, DEFAULTS_FILE, MODELS_FILE)
 
 
 def _error(msg: str):
@@ -166,21 +182,122 @@ class TuningLogs:
     repairs: list[str]
 
     def record_counts(self) -> dict[str, int]:
-        """Measured records per workload, keyed by the workload's structural hash (as a string)."""
-        hashes = []
-        wpath = self.work / WORKLOAD_FILE
-        if wpath.exists():
-            hashes = [json.loads(line)[0] for line in wpath.read_text().splitlines() if line.strip()]
+        """Measured trials per workload, keyed by the workload's structural hash (as a string).
+        Records of Kiln's default schedules (named in ``defaults.json``) are not trials."""
+        defaults = read_defaults(self.work)
+        default_keys = {h: d.get("trace") for h, d in defaults.items()}
+        hashes, records = read_db(self.work)
         counts = {h: 0 for h in hashes}
-        rpath = self.work / RECORD_FILE
-        if rpath.exists():
-            with open(rpath) as f:
-                for line in f:
-                    if line.strip():
-                        idx = int(line[1:line.index(",")])
-                        if idx < len(hashes):
-                            counts[hashes[idx]] += 1
+        for idx, rec in records:
+            h = hashes[idx]
+            if default_keys.get(h) is not None and trace_key(rec[0]) == default_keys[h]:
+                continue
+            counts[h] += 1
         return counts
+
+    @property
+    def defaults(self) -> dict[str, dict]:
+        """``defaults.json``: per workload hash, ``{"ms": default latency, "trace": trace key}``."""
+        return read_defaults(self.work)
+
+    def set_default(self, workload_hash: str, ms: float | None, trace: str | None) -> None:
+        """Record the default schedule's latency (and the key of its record's trace) for a workload."""
+        from compiler import __version__
+
+        data = read_defaults(self.work)
+        data[workload_hash] = {"ms": ms, "trace": trace, "kiln_version": __version__}
+        write_json(self.work / DEFAULTS_FILE, {"format": 1, "workloads": data})
+
+
+# -- reading the files directly (listing, merging, counting) --------------------------------------
+def trace_key(trace_json) -> str:
+    """A stable key of a record's trace (its JSON form, as stored in the record file)."""
+    import hashlib
+
+    return hashlib.sha1(json.dumps(trace_json, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def record_trace_key(record) -> str:
+    """:func:`trace_key` of a ``TuningRecord`` not yet stored (serialised as the JSON database would)."""
+    import tempfile
+
+    from tvm.s_tir import meta_schedule as ms
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db = ms.database.JSONDatabase(path_workload=f"{tmp}/w.json", path_tuning_record=f"{tmp}/r.json",
+                                      allow_missing=True)
+        db.commit_workload(record.workload.mod)
+        db.commit_tuning_record(record)
+        line = json.loads(Path(f"{tmp}/r.json").read_text().splitlines()[-1])
+    return trace_key(line[1][0])
+
+
+def read_db(work: Path) -> tuple[list[str], list[tuple[int, list]]]:
+    """The workload hashes (in file order) and the records ``(workload index, record)`` of the
+    database in ``work``, read as plain JSON (records of a missing workload are dropped)."""
+    hashes: list[str] = []
+    wpath = Path(work) / WORKLOAD_FILE
+    if wpath.exists():
+        hashes = [json.loads(line)[0] for line in wpath.read_text().splitlines() if line.strip()]
+    records: list[tuple[int, list]] = []
+    rpath = Path(work) / RECORD_FILE
+    if rpath.exists():
+        with open(rpath) as f:
+            for line in f:
+                if line.strip():
+                    idx, rec = json.loads(line)
+                    if idx < len(hashes):
+                        records.append((idx, rec))
+    return hashes, records
+
+
+def record_seconds(rec) -> float | None:
+    """Mean measured seconds of a record (``None``: failed or not measured)."""
+    secs = rec[1] if len(rec) > 1 else None
+    if not secs:
+        return None
+    try:
+        mean = sum(float(s) for s in secs) / len(secs)
+    except (TypeError, ValueError):
+        return None
+    return mean if mean < 1e9 else None  # MetaSchedule stores failed candidates with 1e10 s
+
+
+def read_json(path: Path, default):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return default
+    except (OSError, ValueError) as err:
+        raise _error(f"tuning log {path} is unreadable or corrupt ({err})") from None
+
+
+def write_json(path: Path, data) -> None:
+    _atomic_write(Path(path), [json.dumps(data, indent=1, sort_keys=True).encode()])
+
+
+def read_defaults(work: Path) -> dict[str, dict]:
+    data = read_json(Path(work) / DEFAULTS_FILE, {})
+    workloads = data.get("workloads", {}) if isinstance(data, dict) else None
+    if not isinstance(workloads, dict):
+        raise _error(f"tuning log {Path(work) / DEFAULTS_FILE} is corrupt (expected {{'workloads': {{...}}}})")
+    return workloads
+
+
+def read_models(work: Path) -> dict[str, dict]:
+    data = read_json(Path(work) / MODELS_FILE, {})
+    models = data.get("models", {}) if isinstance(data, dict) else None
+    if not isinstance(models, dict):
+        raise _error(f"tuning log {Path(work) / MODELS_FILE} is corrupt (expected {{'models': {{...}}}})")
+    return models
+
+
+def record_model(work: Path, model: str, tasks: list[tuple[str, str, float]]) -> None:
+    """Remember ``model``'s tasks ``(name, workload hash, weight)`` in ``models.json``."""
+    models = read_models(work)
+    models[model] = {"tasks": [{"name": n, "workload": h, "weight": w} for n, h, w in tasks],
+                     "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json(Path(work) / MODELS_FILE, {"format": 1, "models": models})
 
 
 def open_logs(log_dir, target: TargetDescription, *, create: bool) -> TuningLogs:
@@ -231,3 +348,308 @@ def set_aside(log_dir, target: TargetDescription) -> Path | None:
     dest = work.with_name(f"{work.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     work.rename(dest)
     return dest
+
+
+# -- list, merge, export, import ------------------------------------------------------------------
+MANIFEST_FILE = "kiln_logs.json"
+
+
+def target_dirs(path) -> list[Path]:
+    """The per-target databases in ``path``: ``path`` itself when it is one, else its sub-folders
+    that are (each holds a ``target.json``)."""
+    p = Path(path)
+    if (p / TARGET_FILE).exists():
+        return [p]
+    if not p.is_dir():
+        raise _error(f"tuning log directory not found: {p}")
+    return sorted(c for c in p.iterdir() if c.is_dir() and (c / TARGET_FILE).exists())
+
+
+def read_target_file(work: Path) -> dict:
+    """``target.json`` of a per-target database, checked: it names its fingerprint and target, and
+    the folder is named after the fingerprint."""
+    path = Path(work) / TARGET_FILE
+    data = read_json(path, None)
+    try:
+        fingerprint, name = data["fingerprint"], data["target"]["name"]
+        if not (isinstance(fingerprint, str) and isinstance(name, str)):
+            raise TypeError("fingerprint and target name must be strings")
+    except (KeyError, TypeError) as err:
+        raise _error(f"tuning log {path} is unreadable or corrupt ({err})") from None
+    if Path(work).name != fingerprint:
+        raise _error(f"tuning log {path} describes fingerprint {fingerprint}, but its folder is named "
+                     f"{Path(work).name}: folders are named after their target's fingerprint")
+    return data
+
+
+@dataclass(frozen=True)
+class LogSummary:
+    """One per-target database, as ``kiln logs list`` shows it. ``models``: per model tuned here,
+    its estimated end-to-end kernel time with the best records (ms; None when some kernel has no
+    measured record)."""
+
+    path: Path
+    fingerprint: str
+    target: str
+    kiln_version: str
+    workloads: int
+    records: int
+    default_records: int
+    models: dict
+
+    def __str__(self) -> str:
+        lines = [f"{self.fingerprint}  target {self.target}  (Kiln {self.kiln_version})  {self.workloads} workloads, "
+                 f"{self.records} records ({self.records - self.default_records} trials + "
+                 f"{self.default_records} default schedules)  {self.path}"]
+        for name, est in sorted(self.models.items()):
+            lines.append(f"    {name}: best estimated {'-' if est is None else f'{est:.4f} ms'}")
+        return "\n".join(lines)
+
+
+def summarize(work: Path) -> LogSummary:
+    """Counts and best estimates of the per-target database in ``work`` (read as plain JSON)."""
+    work = Path(work)
+    meta = read_target_file(work)
+    for name in (WORKLOAD_FILE, RECORD_FILE):
+        if (work / name).exists():
+            _scan(work / name, _check_workload if name == WORKLOAD_FILE else lambda line: _check_record(line, 0))
+    hashes, records = read_db(work)
+    defaults = read_defaults(work)
+    best: dict[str, float] = {}
+    n_default = 0
+    for idx, rec in records:
+        h = hashes[idx]
+        if defaults.get(h, {}).get("trace") and trace_key(rec[0]) == defaults[h]["trace"]:
+            n_default += 1
+        secs = record_seconds(rec)
+        if secs is not None and secs < best.get(h, float("inf")):
+            best[h] = secs
+    models = {}
+    for name, entry in read_models(work).items():
+        tasks = entry.get("tasks", [])
+        known = all(t.get("workload") in best for t in tasks) and tasks
+        models[name] = sum(t["weight"] * best[t["workload"]] for t in tasks) * 1e3 if known else None
+    return LogSummary(work, meta["fingerprint"], meta["target"]["name"], str(meta.get("kiln_version", "?")),
+                      len(hashes), len(records), n_default, models)
+
+
+def list_logs(log_dir) -> list[LogSummary]:
+    """One :class:`LogSummary` per target database under ``log_dir``."""
+    return [summarize(work) for work in target_dirs(log_dir)]
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a merge added to ``work``: new workloads, new records, and records skipped because the
+    same trace of the same workload was already there."""
+
+    work: Path
+    target: str
+    workloads_added: int
+    records_added: int
+    duplicates: int
+
+    def __str__(self) -> str:
+        return (f"merged into {self.work} (target {self.target}): {self.workloads_added} new workloads, "
+                f"{self.records_added} new records, {self.duplicates} duplicate records skipped")
+
+
+def _valid_lines(work: Path, strict: bool) -> tuple[list[bytes], list[bytes]]:
+    """The workload and record lines of ``work``'s database without modifying it: a torn last line
+    is left out (an error when ``strict``), as are records of a missing workload."""
+    out = []
+    for name, check in ((WORKLOAD_FILE, _check_workload), (RECORD_FILE, lambda line: _check_record(line, 0))):
+        path = work / name
+        lines, torn = _scan(path, check) if path.exists() else ([], False)
+        if torn and strict:
+            raise _error(f"tuning log {path} is corrupt: its last line is cut short")
+        out.append(lines)
+    workloads, records = out
+    return workloads, [r for r in records if json.loads(r)[0] < len(workloads)]
+
+
+def _check_loads(work: Path) -> None:
+    """Open ``work``'s database with MetaSchedule: a TuningError naming it if TVM cannot read it."""
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        ms.database.JSONDatabase(path_workload=str(work / WORKLOAD_FILE), path_tuning_record=str(work / RECORD_FILE),
+                                 allow_missing=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise _error(f"cannot read the tuning database in {work}: {first}") from err
+
+
+def _describe(work: Path, meta: dict) -> str:
+    return f"{work} is for target {meta['target']['name']!r} (fingerprint {meta['fingerprint']})"
+
+
+def merge(sources, log_dir, *, target: TargetDescription | None = None, strict: bool = False) -> MergeResult:
+    """Merge the per-target databases in ``sources`` (each a per-target folder or a tuning-log
+    directory) into ``log_dir`` (``log_dir/<fingerprint>``, or ``log_dir`` itself if it is a
+    per-target folder).
+
+    Every source must be for the same target fingerprint (``target`` picks one from directories
+    holding several): records of different targets never share a database, and mixing them is a
+    :class:`TuningError` naming both. Workloads are deduplicated by structural hash; records are all
+    kept, except a second copy of the same trace for the same workload. The merged database is
+    written to a staging folder, checked to load with MetaSchedule, then moved into place file by
+    file (workloads first, so a crash never leaves records pointing at a missing workload)."""
+    import tempfile
+
+    srcs: list[tuple[Path, dict]] = []
+    for src in sources:
+        found = target_dirs(src)
+        if target is not None:
+            found = [w for w in found if w.name == target.fingerprint()]
+        if not found:
+            what = f"for target {target.name!r} (fingerprint {target.fingerprint()})" if target else ""
+            raise _error(f"{src} holds no tuning logs {what}".rstrip())
+        srcs += [(w, read_target_file(w)) for w in found]
+    first_work, first_meta = srcs[0]
+    for work, meta in srcs[1:]:
+        if meta["fingerprint"] != first_meta["fingerprint"]:
+            raise _error(
+                f"cannot merge tuning logs of different targets: {_describe(first_work, first_meta)}, "
+                f"{_describe(work, meta)}; records of different targets never share a database: merge "
+                "each target on its own (--target NAME)"
+            )
+    fingerprint = first_meta["fingerprint"]
+    root = Path(log_dir)
+    if (root / TARGET_FILE).exists():
+        dst = root
+    else:
+        dst = root / fingerprint
+    if (dst / TARGET_FILE).exists():
+        dmeta = read_target_file(dst)
+        if dmeta["fingerprint"] != fingerprint:
+            raise _error(f"cannot merge tuning logs of different targets: {_describe(first_work, first_meta)}, "
+                         f"the destination {_describe(dst, dmeta)}")
+        repair(dst)
+    else:
+        dmeta = first_meta
+    workloads, records = _valid_lines(dst, strict=False) if dst.exists() else ([], [])
+    index = {json.loads(w)[0]: i for i, w in enumerate(workloads)}
+    seen = {(json.loads(workloads[json.loads(r)[0]])[0], trace_key(json.loads(r)[1][0])) for r in records}
+    defaults = read_defaults(dst) if dst.exists() else {}
+    models = read_models(dst) if dst.exists() else {}
+    n_w, n_r, dup = len(workloads), len(records), 0
+    for work, _meta in srcs:
+        if work.resolve() == dst.resolve():
+            continue
+        s_workloads, s_records = _valid_lines(work, strict=strict)
+        s_hashes = [json.loads(w)[0] for w in s_workloads]
+        for h, line in zip(s_hashes, s_workloads):
+            if h not in index:
+                index[h] = len(workloads)
+                workloads.append(line)
+        for raw in s_records:
+            idx, rec = json.loads(raw)
+            key = (s_hashes[idx], trace_key(rec[0]))
+            if key in seen:
+                dup += 1
+                continue
+            seen.add(key)
+            records.append(b"[" + str(index[s_hashes[idx]]).encode() + raw[raw.index(b","):])
+        for h, entry in read_defaults(work).items():
+            defaults.setdefault(h, entry)
+        for name, entry in read_models(work).items():
+            if name not in models or str(entry.get("updated", "")) > str(models[name].get("updated", "")):
+                models[name] = entry
+    root.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".merge-", dir=root))
+    try:
+        _atomic_write(stage / WORKLOAD_FILE, workloads)
+        _atomic_write(stage / RECORD_FILE, records)
+        write_json(stage / DEFAULTS_FILE, {"format": 1, "workloads": defaults})
+        write_json(stage / MODELS_FILE, {"format": 1, "models": models})
+        write_json(stage / TARGET_FILE, dmeta)
+        _check_loads(stage)
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in (WORKLOAD_FILE, RECORD_FILE, DEFAULTS_FILE, MODELS_FILE, TARGET_FILE):
+            os.replace(stage / name, dst / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return MergeResult(dst, dmeta["target"]["name"], len(workloads) - n_w, len(records) - n_r, dup)
+
+
+def export_logs(log_dir, target: TargetDescription, out) -> Path:
+    """Write ``target``'s database under ``log_dir`` to the ``.tar.gz`` archive ``out`` (the cost
+    model and search logs stay behind). The archive is written beside ``out`` and renamed into place."""
+    import tarfile
+
+    from compiler import __version__
+
+    opened = open_logs(log_dir, target, create=False)  # checks the target, repairs torn lines
+    work = opened.work
+    summary = summarize(work)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    manifest = {"format": 1, "kiln_version": __version__, "fingerprint": summary.fingerprint,
+                "target": summary.target, "workloads": summary.workloads, "records": summary.records}
+    try:
+        with tarfile.open(tmp, "w:gz") as tar:
+            data = json.dumps(manifest, indent=1).encode()
+            info = tarfile.TarInfo(MANIFEST_FILE)
+            info.size, info.mtime = len(data), int(time.time())
+            import io
+
+            tar.addfile(info, io.BytesIO(data))
+            for name in DATA_FILES:
+                if (work / name).exists():
+                    tar.add(work / name, arcname=f"{summary.fingerprint}/{name}", recursive=False)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def import_logs(archive, log_dir) -> MergeResult:
+    """Merge a ``kiln logs export`` archive into ``log_dir``. Atomic: the archive is unpacked into a
+    temporary folder and checked (names, manifest, target, every line of the database, and that
+    MetaSchedule can load it) before anything under ``log_dir`` changes; a damaged or foreign archive
+    is a :class:`TuningError` and leaves ``log_dir`` as it was."""
+    import tarfile
+    import tempfile
+    import zlib
+
+    archive = Path(archive)
+    if not archive.is_file():
+        raise _error(f"tuning-log archive not found: {archive}")
+    bad = f"{archive} is not a tuning-log archive written by `kiln logs export`, or it is damaged"
+    with tempfile.TemporaryDirectory(prefix="kiln-import-") as tmp:
+        tmp_path = Path(tmp)
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                for m in tar.getmembers():
+                    parts = Path(m.name).parts
+                    ok_name = (len(parts) == 1 and parts[0] == MANIFEST_FILE) or (
+                        len(parts) == 2 and parts[1] in DATA_FILES and parts[0].isalnum())
+                    if m.isdir() and len(parts) == 1 and parts[0].isalnum():
+                        continue
+                    if not (m.isfile() and ok_name and not m.name.startswith("/")):
+                        raise _error(f"{bad} (unexpected entry {m.name!r})")
+                    dest = tmp_path.joinpath(*parts)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_bytes(tar.extractfile(m).read())
+        except (tarfile.TarError, EOFError, zlib.error, OSError, UnicodeError) as err:
+            raise _error(f"{bad} ({err})") from None
+        manifest = read_json(tmp_path / MANIFEST_FILE, None)
+        if not isinstance(manifest, dict) or "fingerprint" not in manifest:
+            raise _error(f"{bad} (no {MANIFEST_FILE})")
+        work = tmp_path / str(manifest["fingerprint"])
+        if not (work / TARGET_FILE).exists() or not (work / WORKLOAD_FILE).exists():
+            raise _error(f"{bad} (no database for fingerprint {manifest['fingerprint']})")
+        try:
+            read_target_file(work)
+            summary = summarize(work)
+            _valid_lines(work, strict=True)
+        except Exception as err:
+            raise _error(f"{bad} ({err})") from None
+        if (summary.workloads, summary.records) != (manifest.get("workloads"), manifest.get("records")):
+            raise _error(f"{bad} (the manifest lists {manifest.get('workloads')} workloads and "
+                         f"{manifest.get('records')} records; the archive holds {summary.workloads} and "
+                         f"{summary.records})")
+        _check_loads(work)
+        return merge([work], log_dir, strict=True)

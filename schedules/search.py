@@ -8,12 +8,19 @@
 * :class:`Searcher` — the builder, runner and XGBoost cost model of one tuning run, kept across
   rounds: the builder's worker processes are started once (MetaSchedule's ``LocalBuilder`` starts
   fresh ones for every batch, and each spends tens of seconds importing ``tvm.s_tir.tensor_intrin``
-  on this machine), and the cost model keeps learning from one round to the next.
+  on this machine), and the cost model keeps learning from one round to the next (and from one run
+  to the next: :meth:`Searcher.save_cost_model` / the ``cost_model`` argument).
+* :func:`default_schedule` and :meth:`Searcher.measure_defaults` — Kiln's default schedule of a
+  task as a MetaSchedule trace, measured by the same runner as the candidates, so that it can be
+  stored as a record of the task: the best record is then never slower than the default.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -148,6 +155,46 @@ class PersistentBuilder(ms.builder.PyBuilder):
             self._pool = None
 
 
+# -- Kiln's default schedules as records -----------------------------------------------------------
+def default_schedule(task: Task, desc):
+    """Kiln's default schedule of ``task`` for the target description ``desc``, as an
+    ``s_tir.Schedule`` whose trace replays it on the task's module (None when no default rule
+    applies or the family has no default rules here). This is what ``schedules.default_schedule_pass``
+    does to the kernel, rule for rule."""
+    from tvm import s_tir
+
+    if desc.family not in ("x86", "arm"):
+        return None
+    from schedules import x86
+
+    func = task.mod["main"]
+    with desc.to_tvm() as target:
+        for rule in x86.rules():
+            space = rule.apply(func, target, False)
+            if space is None:
+                continue
+            if isinstance(space, s_tir.Schedule):
+                return space
+            return space[0] if len(space) == 1 else None
+    return None
+
+
+def _device_type(target) -> str:
+    """The runner's device name for ``target`` (what MetaSchedule's task scheduler passes it)."""
+    kind = str(target.kind.name)
+    return {"llvm": "cpu", "c": "cpu"}.get(kind, kind)
+
+
+@dataclass
+class DefaultMeasurement:
+    """One task's default schedule, measured: ``record`` is the ``TuningRecord`` to commit (None when
+    it could not be built or run), ``seconds`` its mean measured time, ``error`` why not."""
+
+    record: object | None
+    seconds: float | None
+    error: str | None
+
+
 # -- the search -----------------------------------------------------------------------------------
 class Searcher:
     """Builder, runner and cost model shared by every round of one tuning run.
@@ -157,13 +204,92 @@ class Searcher:
     XGBoost cost model, each measured candidate appended to ``database``.
     """
 
-    def __init__(self, target, num_threads: int, log_dir: str):
+    def __init__(self, target, num_threads: int, log_dir: str, cost_model: str | None = None):
         self.target = target
         self.num_threads = max(1, num_threads)
         self.log_dir = log_dir
         self.builder = PersistentBuilder(max_workers=self.num_threads)
         self.runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)
         self.cost_model = ms.cost_model.XGBModel(num_tuning_cores=self.num_threads, tree_method="auto")
+        #: True when the cost model was warm-started from a saved one.
+        self.warm_started = False
+        if cost_model is not None:
+            self.warm_started = self.load_cost_model(cost_model)
+
+    def load_cost_model(self, path: str) -> bool:
+        """Warm-start the cost model from ``path`` (its trees and the features and costs it learnt
+        from); False, with a warning, when the file cannot be read (the run then starts cold)."""
+        import os
+
+        if not os.path.exists(path):
+            return False
+        try:
+            with warnings.catch_warnings():  # xgboost's note about the model file's format
+                warnings.simplefilter("ignore", UserWarning)
+                self.cost_model.load(path)
+        except Exception as err:  # a stale or damaged model must not stop tuning
+            log.warning("cannot warm-start the cost model from %s (%s); starting cold", path, err)
+            self.cost_model = ms.cost_model.XGBModel(num_tuning_cores=self.num_threads, tree_method="auto")
+            return False
+        return True
+
+    def save_cost_model(self, path: str) -> bool:
+        """Save the cost model to ``path`` atomically (False when it has not been trained yet)."""
+        import os
+
+        if getattr(self.cost_model, "booster", None) is None:
+            return False
+        tmp = f"{path}.tmp.tar"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                self.cost_model.save(tmp)
+            os.replace(tmp, path)
+        except Exception as err:  # pragma: no cover - the records are what matters
+            log.warning("cannot save the cost model to %s: %s", path, err)
+            return False
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return True
+
+    def measure_defaults(self, tasks: list[Task], desc, database) -> list[DefaultMeasurement]:
+        """Build each task's default schedule (:func:`default_schedule`) exactly as candidates are
+        built and time it with the runner that times candidates, so the figures compare; return the
+        ``TuningRecord`` of each (with its workload committed to ``database``), not yet committed."""
+        schs, results = [], []
+        for task in tasks:
+            try:
+                sch = default_schedule(task, desc)
+                if sch is None:
+                    schs.append(None)
+                    results.append("no default rule applies")
+                    continue
+                artifact = _build_worker(sch.mod, self.target, None)
+                args_info = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
+                schs.append((sch, args_info))
+                results.append(ms.runner.RunnerInput(artifact, _device_type(self.target), args_info))
+            except Exception as err:  # noqa: BLE001 - a default that cannot be built is reported, not fatal
+                schs.append(None)
+                lines = str(err).strip().splitlines()
+                results.append(f"cannot build the default schedule: {lines[-1] if lines else type(err).__name__}")
+        inputs = [r for r in results if not isinstance(r, str)]
+        futures = iter(self.runner.run(inputs)) if inputs else iter(())
+        out = []
+        for task, sch, res in zip(tasks, schs, results):
+            if isinstance(res, str):
+                out.append(DefaultMeasurement(None, None, res))
+                continue
+            run = next(futures).result()
+            shutil.rmtree(os.path.dirname(res.artifact_path), ignore_errors=True)
+            if run.error_msg or not run.run_secs:
+                out.append(DefaultMeasurement(None, None, f"cannot run the default schedule: {run.error_msg}"))
+                continue
+            secs = [float(s) for s in run.run_secs]
+            record = ms.database.TuningRecord(sch[0].trace, database.commit_workload(task.mod), run.run_secs,
+                                              self.target, sch[1])
+            out.append(DefaultMeasurement(record, sum(secs) / len(secs), None))
+        return out
 
     def run(self, task: Task, trials: int, database, seed: int) -> None:
         ctx = ms.TuneContext(

@@ -47,7 +47,7 @@ class TargetDescription:
     l2_kb: int = 0
     l3_kb: int = 0
     flash_kb: int = 0  # microcontrollers: 0 means no limit
-    ram_kb: int = 0
+    ram_kb: int = 0  # microcontrollers: RAM; CUDA: device memory
     arch: str = ""  # CUDA: "sm_90"
     float_abi: str = ""  # ARM: "hard" / "soft"
     cross_compiler: str = ""  # "" means the host compiler
@@ -64,9 +64,13 @@ class TargetDescription:
 
     @property
     def is_cross(self) -> bool:
-        """True when code for this target cannot run on the machine Kiln runs on."""
+        """True when code for this target cannot run on the machine Kiln runs on (CUDA: no GPU here)."""
         if self.kind == "cuda":
-            return False
+            from compiler.cuda import has_gpu
+
+            if self.triple and not self.triple.startswith("x86_64"):  # a GPU with an ARM host (Jetson)
+                return True
+            return not has_gpu()
         return not self.triple.startswith("x86_64")
 
     def fingerprint(self) -> str:
@@ -90,7 +94,13 @@ class TargetDescription:
                 cfg["mfloat-abi"] = self.float_abi
             return tvm.target.Target(cfg)
         if self.kind == "cuda":
-            return tvm.target.Target({"kind": "cuda", "arch": self.arch}, host=host_description().to_tvm())
+            # Host code (VM glue, kernel launches) for any x86-64 CPU, not this build machine's: the
+            # GPU machine's CPU may lack its features.
+            host = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
+            if self.triple:  # a GPU with its own host CPU (Jetson): the host code is cross-compiled
+                host = {"kind": "llvm", "mtriple": self.triple, **({"mcpu": self.cpu} if self.cpu else {}),
+                        **({"mattr": list(self.llvm_mattr)} if self.llvm_mattr else {})}
+            return tvm.target.Target({"kind": "cuda", "arch": self.arch}, host=host)
         if self.kind == "c":
             return tvm.target.Target({"kind": "c", "mcpu": self.cpu} if self.cpu else {"kind": "c"})
         raise ValueError(f"target {self.name!r} has unknown kind {self.kind!r}")

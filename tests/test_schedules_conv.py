@@ -209,3 +209,29 @@ def test_unrecognised_returns_none():
     tt = TARGET.to_tvm()
     assert conv_mod.Conv2D().apply(func, tt, False) is None
     assert pool_mod.Pool().apply(func, tt, False) is None
+
+
+def test_weight_repack_is_folded_at_compile_time():
+    """The conv rule repacks big weights in a ``layout_rewrite_preproc`` block; pipeline.schedule must
+    split it out and fold it into the constants, so no built kernel repacks weights per call."""
+    import tvm
+
+    import schedules
+    import targets
+    from compiler import pipeline
+    from compiler.build import import_model
+
+    desc = targets.get("x86")
+    model = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU()).eval()
+    imported = import_model(model, example_inputs=(torch.randn(1, 64, 56, 56),))
+    fused, _ = pipeline.fuse(pipeline.prepare(imported.mod, desc), desc)
+
+    def preproc_blocks(mod):
+        return [gv.name_hint for gv, func in mod.functions_items()
+                if isinstance(func, tvm.tirx.PrimFunc) and "layout_rewrite_preproc" in func.script()]
+
+    with desc.to_tvm():
+        only_rules = schedules.default_schedule_pass(desc)(
+            tvm.IRModule(dict(fused.functions_items()), attrs=fused.attrs))
+    assert preproc_blocks(only_rules), "the conv rule no longer repacks this weight: test is moot"
+    assert not preproc_blocks(pipeline.schedule(fused, desc))

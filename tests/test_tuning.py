@@ -1,5 +1,7 @@
-"""Tuning: ``compiler.tune`` / ``kiln tune``, target-keyed logs, resume, torn and corrupt logs, and
-proof that compile applies every record (the scheduled kernel is the database's best, bit for bit).
+"""Tuning: ``compiler.tune`` / ``kiln tune``, target-keyed logs, resume, torn and corrupt logs, proof
+that compile applies every record (the scheduled kernel is the database's best, bit for bit, and runs
+at the tuner's figure), that tuning never makes a kernel slower than Kiln's default schedule, the
+warm-started cost model, and ``kiln logs list|merge|export|import``.
 
 One real tuning run (``kiln tune zoo:mlp --trials 3``, one trial per kernel, about a minute on two
 cores) is shared by the fast tests; each test works on its own copy of the logs.
@@ -20,6 +22,8 @@ from compiler.errors import TuningError
 from conftest import assert_close, run_torch, zoo_model
 
 TRIALS = 3  # zoo:mlp has 3 kernels: one trial each
+KERNELS = 3
+RECORDS = TRIALS + KERNELS  # each kernel's default schedule is a record too (not a trial)
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +80,8 @@ def test_logs_are_keyed_by_target(tuned_logs):
     meta = json.loads((work / "target.json").read_text())
     assert meta["fingerprint"] == _host().fingerprint() and meta["target"]["name"] == "x86"
     assert "kiln_version" in meta
-    assert len(_lines(work / "database_workload.json")) == 3
-    assert len(_lines(work / "database_tuning_record.json")) == TRIALS
+    assert len(_lines(work / "database_workload.json")) == KERNELS
+    assert len(_lines(work / "database_tuning_record.json")) == RECORDS
 
 
 def test_other_target_gets_no_records(tuned_logs):
@@ -143,7 +147,7 @@ def test_kernels_without_a_record_are_reported(logs, caplog):
     work = _work(logs)
     records = work / "database_tuning_record.json"
     kept = [line for line in _lines(records) if json.loads(line)[0] != 0]  # drop workload 0's records
-    assert len(kept) < TRIALS
+    assert len(kept) < RECORDS
     records.write_text("".join(line + "\n" for line in kept))
     with caplog.at_level(logging.WARNING, logger="compiler.build"):
         mod = compiler.compile("zoo:mlp", "x86", tuning_logs=logs)
@@ -171,6 +175,9 @@ def test_cli_compile_with_tuning_logs(tuned_logs, tmp_path, capsys):
 
 @pytest.mark.parametrize("which", ["database_tuning_record.json", "database_workload.json"])
 def test_torn_last_line_is_skipped_with_a_warning(logs, which, caplog):
+    records = [json.loads(line) for line in _lines(_work(logs) / "database_tuning_record.json")]
+    # a torn record line loses that record; a torn workload line loses the last workload's records
+    lost = 1 if which == "database_tuning_record.json" else sum(r[0] == KERNELS - 1 for r in records)
     import compiler
     from compiler.build import open_tuning_logs
 
@@ -183,7 +190,7 @@ def test_torn_last_line_is_skipped_with_a_warning(logs, which, caplog):
         db = open_tuning_logs(logs, _host())
     assert any("torn last line" in r.message for r in caplog.records)
     assert list(work.glob(which + ".torn-*")), "the torn original is kept"
-    assert len(db) == TRIALS - 1
+    assert len(db) == RECORDS - lost
     assert path.read_bytes().endswith(b"\n") and all(json.loads(line) for line in _lines(path))
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="schedules.database"):
@@ -230,6 +237,10 @@ def test_resume_with_budget_reached_measures_nothing(logs):
     assert report.new_trials == 0 and report.total_trials == TRIALS and report.stopped_by == "trials"
     assert all(t.trials == 1 and t.best_ms is not None for t in report.tasks)
     assert report.estimated_ms == pytest.approx(sum(t.weight * t.best_ms for t in report.tasks))
+    # the default schedule is a record of every task: the best is never slower than it
+    assert all(t.default_ms is not None and t.best_ms <= t.default_ms for t in report.tasks)
+    assert report.estimated_ms <= report.default_estimated_ms
+    assert report.cost_model is None  # nothing searched
     assert (_work(logs) / "database_tuning_record.json").read_bytes() == before
 
 
@@ -253,7 +264,267 @@ def test_resume_continues_and_never_duplicates_workloads(logs):
     assert report.new_trials == TRIALS and report.total_trials == 2 * TRIALS
     records = _lines(work / "database_tuning_record.json")
     workloads = [json.loads(line)[0] for line in _lines(work / "database_workload.json")]
-    assert len(records) == 2 * TRIALS
+    assert len(records) == 2 * TRIALS + KERNELS
     assert len(workloads) == len(set(workloads)) == 3
     for old, new in zip(first.tasks, report.tasks):
         assert new.trials == 2 and new.best_ms <= old.best_ms + 1e-12
+    assert report.cost_model == "warm"  # started from the model the first run saved
+
+
+# ---------------------------------------------------------------- never slower than the defaults
+
+
+def _kernel_ms(executable, name: str, func) -> float:
+    """Median latency (ms) of kernel ``name`` inside a built module, timed like the tuner times it."""
+    import numpy as np
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    dev = tvm.cpu()
+    rng = np.random.default_rng(0)
+    args = [tvm.runtime.tensor(rng.random([int(d) for d in info.shape]).astype(str(info.dtype)), dev)
+            for info in ms.arg_info.ArgInfo.from_prim_func(func)]
+    timer = executable.mod.imports[0].time_evaluator(name, dev, number=3, repeat=7, min_repeat_ms=50)
+    return float(np.median(timer(*args).results)) * 1e3
+
+
+def _near(a_ms: float, b_ms: float) -> bool:
+    """``a`` is not worse than ``b`` beyond timing noise (1.3x plus 5 us)."""
+    return a_ms <= 1.3 * b_ms + 0.005
+
+
+def test_default_schedules_are_records_but_not_trials(tuned_logs):
+    from schedules import database
+
+    work = _work(tuned_logs)
+    defaults = database.read_defaults(work)
+    hashes, records = database.read_db(work)
+    assert sorted(defaults) == sorted(hashes)
+    for h, entry in defaults.items():
+        assert entry["ms"] > 0
+        traces = [database.trace_key(rec[0]) for idx, rec in records if hashes[idx] == h]
+        assert traces.count(entry["trace"]) == 1, "the default schedule is one record of its workload"
+    counts = database.open_logs(tuned_logs, _host(), create=False).record_counts()
+    assert sum(counts.values()) == TRIALS and all(c == 1 for c in counts.values())
+
+
+def test_tuned_kernels_never_slower_than_defaults_and_run_at_the_tuners_figure(tuned_logs):
+    """With one trial per kernel MetaSchedule's candidates are usually far slower than Kiln's
+    defaults; compile must still never pick one. For every kernel of the module compiled with the
+    logs: its latency is within noise of (1) the default-schedule kernel's and (2) what the tuner
+    measured for the record compile applied. End to end, the tuned module is not slower."""
+    import compiler
+    from compiler import pipeline
+    from compiler.build import open_tuning_logs
+    from compiler.module import _use_all_cores
+
+    _use_all_cores()  # as compiled modules and the tuner's runner do
+    desc, fused, tasks = _mlp_tasks()
+    db = open_tuning_logs(tuned_logs, desc)
+    tuned_ex = pipeline.build(pipeline.schedule(fused, desc, db), desc)
+    default_ex = pipeline.build(pipeline.schedule(fused, desc), desc)
+    for task in tasks:
+        top = db.get_top_k(db.commit_workload(task.mod), 1)[0]
+        record_ms = sum(float(s) for s in top.run_secs) / len(top.run_secs) * 1e3
+        for kernel in task.kernels:
+            tuned = _kernel_ms(tuned_ex, kernel, task.mod["main"])
+            default = _kernel_ms(default_ex, kernel, task.mod["main"])
+            assert _near(tuned, default), f"{kernel}: tuned {tuned:.4f} ms, default {default:.4f} ms"
+            assert _near(tuned, record_ms) and _near(record_ms, tuned), \
+                f"{kernel}: {tuned:.4f} ms in the module, the tuner measured {record_ms:.4f} ms"
+
+    with_logs = compiler.compile("zoo:mlp", "x86", tuning_logs=tuned_logs).benchmark(repeat=200)
+    without = compiler.compile("zoo:mlp", "x86").benchmark(repeat=200)
+    assert with_logs.median_ms <= 1.3 * without.median_ms + 0.02, (with_logs, without)
+
+
+# ---------------------------------------------------------------- cost model warm start
+
+
+def test_cost_model_is_saved_and_warm_starts(tuned_logs):
+    from schedules import database, search
+
+    path = _work(tuned_logs) / database.COST_MODEL_FILE
+    assert path.exists() and path.stat().st_size > 0
+    s = search.Searcher.__new__(search.Searcher)  # only the cost-model half: no worker processes
+    s.num_threads = 1
+    from tvm.s_tir import meta_schedule as ms
+
+    s.cost_model = ms.cost_model.XGBModel(num_tuning_cores=1, tree_method="auto")
+    assert s.load_cost_model(str(path)) is True
+    assert s.cost_model.booster is not None and s.cost_model.data_size >= TRIALS
+    bad = path.with_name("broken.tar")
+    bad.write_bytes(b"not a tar")
+    assert s.load_cost_model(str(bad)) is False  # a damaged model: a warning and a cold start
+
+
+# ---------------------------------------------------------------- kiln logs list|merge|export|import
+
+
+def _retarget(src_work: Path, dest_root: Path, name: str) -> Path:
+    """A copy of a per-target folder relabelled as target ``name`` (as if tuned there)."""
+    desc = targets.get(name)
+    dest = dest_root / desc.fingerprint()
+    shutil.copytree(src_work, dest)
+    meta = json.loads((dest / "target.json").read_text())
+    meta.update(fingerprint=desc.fingerprint(), target=desc.to_json())
+    (dest / "target.json").write_text(json.dumps(meta))
+    return dest
+
+
+def test_logs_list(tuned_logs, capsys):
+    from schedules import database
+
+    [summary] = database.list_logs(tuned_logs)
+    assert summary.target == "x86" and summary.fingerprint == _host().fingerprint()
+    assert (summary.workloads, summary.records, summary.default_records) == (KERNELS, RECORDS, KERNELS)
+    assert summary.models["zoo:mlp"] is not None and summary.models["zoo:mlp"] > 0
+    assert cli.main(["logs", "list", "--log-dir", str(tuned_logs)]) == 0
+    out = capsys.readouterr().out
+    assert _host().fingerprint() in out and "target x86" in out and f"{RECORDS} records" in out and "zoo:mlp" in out
+
+
+def test_logs_merge_dedupes_and_keeps_every_record(logs, tmp_path, capsys):
+    from schedules import database
+
+    # a second machine's logs: the same target, with workload 0 missing and one record re-measured
+    other = tmp_path / "other"
+    shutil.copytree(logs, other)
+    work = _work(other)
+    records = [json.loads(line) for line in _lines(work / "database_tuning_record.json")]
+    assert cli.main(["logs", "merge", str(logs), str(other), "--log-dir", str(tmp_path / "pooled")]) == 0
+    assert "0 duplicate" not in capsys.readouterr().out
+    [pooled] = database.list_logs(tmp_path / "pooled")
+    assert (pooled.workloads, pooled.records) == (KERNELS, RECORDS)  # identical traces kept once
+
+    extra = records[-1]
+    extra[1][1] = [1.0]  # same trace, another timing: still a duplicate trace
+    with open(work / "database_tuning_record.json", "a") as f:
+        f.write(json.dumps(extra, separators=(",", ":")) + "\n")
+    result = database.merge([other], tmp_path / "pooled")
+    assert (result.workloads_added, result.records_added, result.duplicates) == (0, 0, RECORDS + 1)
+
+    # into an empty directory: everything arrives; the merged database opens and compiles
+    fresh = database.merge([_work(logs)], tmp_path / "fresh")
+    assert (fresh.workloads_added, fresh.records_added) == (KERNELS, RECORDS)
+    import compiler
+
+    mod = compiler.compile("zoo:mlp", "x86", tuning_logs=tmp_path / "fresh")
+    assert mod.meta["untuned_kernels"] == []
+
+
+def test_logs_merge_refuses_mixed_targets(logs, tmp_path, capsys):
+    from schedules import database
+
+    other = tmp_path / "haswell_logs"
+    other.mkdir()
+    _retarget(_work(logs), other, "haswell")
+    dest = tmp_path / "dest"
+    with pytest.raises(TuningError, match=r"different targets.*'x86'.*'haswell'"):
+        database.merge([logs, other], dest)
+    assert not (dest / _host().fingerprint()).exists() and not (dest / targets.get("haswell").fingerprint()).exists()
+    code = cli.main(["logs", "merge", str(logs), str(other), "--log-dir", str(dest)])
+    err = capsys.readouterr().err
+    assert code == 1 and "x86" in err and "haswell" in err and _host().fingerprint() in err
+    # into a per-target folder of another target: refused too
+    with pytest.raises(TuningError, match="different targets"):
+        database.merge([logs], other / targets.get("haswell").fingerprint())
+    # a directory holding two targets merges one of them when asked
+    both = tmp_path / "both"
+    shutil.copytree(logs, both)
+    _retarget(_work(logs), both, "haswell")
+    with pytest.raises(TuningError, match="different targets"):
+        database.merge([both], dest)
+    result = database.merge([both], dest, target=targets.get("haswell"))
+    assert result.target == "haswell" and result.records_added == RECORDS
+
+
+def test_logs_export_import_roundtrip(logs, tmp_path, capsys):
+    archive = tmp_path / "mlp-x86.tar.gz"
+    assert cli.main(["logs", "export", "--target", "x86", "--log-dir", str(logs), "-o", str(archive)]) == 0
+    assert archive.exists() and not list(tmp_path.glob("*.tmp"))
+    dest = tmp_path / "imported"
+    assert cli.main(["logs", "import", str(archive), "--log-dir", str(dest)]) == 0
+    assert f"{RECORDS} new records" in capsys.readouterr().out
+    for name in ("database_workload.json", "database_tuning_record.json", "defaults.json", "target.json"):
+        assert (_work(dest) / name).read_bytes() == (_work(logs) / name).read_bytes() or name == "target.json"
+    assert not (_work(dest) / "cost_model.tar").exists(), "cost models (pickles) are never imported"
+    assert cli.main(["logs", "import", str(archive), "--log-dir", str(dest)]) == 0  # again: all duplicates
+    assert f"{RECORDS} duplicate" in capsys.readouterr().out
+    import compiler
+
+    assert compiler.compile("zoo:mlp", "x86", tuning_logs=dest).meta["untuned_kernels"] == []
+
+
+def _tar(path: Path, entries: dict) -> Path:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_logs_import_rejects_corrupt_archives_atomically(logs, tmp_path):
+    from schedules import database
+
+    good = database.export_logs(logs, _host(), tmp_path / "good.tar.gz")
+    data = good.read_bytes()
+    fp = _host().fingerprint()
+    work = _work(logs)
+    members = {"kiln_logs.json": json.dumps({"fingerprint": fp, "workloads": KERNELS, "records": RECORDS}).encode()}
+    members.update({f"{fp}/{n}": (work / n).read_bytes() for n in database.DATA_FILES if (work / n).exists()})
+    bad_records = dict(members)
+    bad_records[f"{fp}/database_tuning_record.json"] = b"garbage\n"
+    torn = dict(members)
+    torn[f"{fp}/database_tuning_record.json"] = members[f"{fp}/database_tuning_record.json"][:-40]
+    cases = {
+        "truncated": tmp_path.joinpath("truncated.tar.gz").write_bytes(data[: len(data) // 2]) and "truncated.tar.gz",
+        "random": tmp_path.joinpath("random.tar.gz").write_bytes(b"\x1f\x8b" + bytes(range(256))) and "random.tar.gz",
+        "traversal": _tar(tmp_path / "traversal.tar.gz", {**members, "../evil.json": b"{}"}).name,
+        "bad records": _tar(tmp_path / "bad_records.tar.gz", bad_records).name,
+        "torn": _tar(tmp_path / "torn.tar.gz", torn).name,
+        "no manifest": _tar(tmp_path / "no_manifest.tar.gz", {k: v for k, v in members.items()
+                                                             if k != "kiln_logs.json"}).name,
+    }
+    dest = tmp_path / "dest"
+    shutil.copytree(logs, dest)
+    before = {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    for what, name in cases.items():
+        with pytest.raises(TuningError, match="not a tuning-log archive|corrupt|cannot read"):
+            database.import_logs(tmp_path / name, dest)
+        assert {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()} == before, what
+    assert not (tmp_path.parent / "evil.json").exists()
+    with pytest.raises(TuningError, match="not found"):
+        database.import_logs(tmp_path / "missing.tar.gz", dest)
+
+
+@pytest.mark.slow
+def test_tiny_cnn_tuned_convolutions_never_slower_than_defaults(tmp_path):
+    """The same guarantee for convolutions (packed-weight default schedules), one trial per kernel."""
+    import compiler
+    from compiler import pipeline
+    from compiler.build import import_model, open_tuning_logs
+    from compiler.module import _use_all_cores
+    from schedules import search
+
+    _use_all_cores()
+    desc = _host()
+    fused, _ = pipeline.fuse(pipeline.prepare(import_model("zoo:tiny_cnn").mod, desc), desc)
+    tasks = search.extract_tasks(fused, desc.to_tvm())
+    report = compiler.tune("zoo:tiny_cnn", "x86", trials=len(tasks), log_dir=tmp_path / "logs")
+    assert all(t.best_ms <= t.default_ms for t in report.tasks)
+    db = open_tuning_logs(tmp_path / "logs", desc)
+    tuned_ex = pipeline.build(pipeline.schedule(fused, desc, db), desc)
+    default_ex = pipeline.build(pipeline.schedule(fused, desc), desc)
+    for task in tasks:
+        for kernel in task.kernels:
+            tuned = _kernel_ms(tuned_ex, kernel, task.mod["main"])
+            default = _kernel_ms(default_ex, kernel, task.mod["main"])
+            assert _near(tuned, default), f"{kernel}: tuned {tuned:.4f} ms, default {default:.4f} ms"
+    with_logs = compiler.compile("zoo:tiny_cnn", "x86", tuning_logs=tmp_path / "logs").benchmark(repeat=200)
+    without = compiler.compile("zoo:tiny_cnn", "x86").benchmark(repeat=200)
+    assert with_logs.median_ms <= 1.3 * without.median_ms + 0.02, (with_logs, without)
