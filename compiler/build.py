@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -12,7 +13,7 @@ from targets import TargetDescription
 
 from . import __version__, pipeline
 from .analysis import kernel_table
-from .errors import IncompatibleModuleError, ModelFormatError, TargetError, TuningError
+from .errors import IncompatibleModuleError, ModelFormatError, TargetError
 from .frontends import ImportedModel, TensorSpec
 from .module import CompiledModule
 
@@ -107,6 +108,22 @@ def open_tuning_logs(path, target: TargetDescription):
     return logs_db.open_logs(path, target, create=False).database
 
 
+def module_metadata(imported: ImportedModel, desc: TargetDescription, kernels) -> dict:
+    """The metadata every compiled artifact carries (a .so's embedded JSON, an MCU library's
+    kiln.json): format, Kiln version, target, inputs, fused kernels, parameters, FLOPs."""
+    return {
+        "format": 1,
+        "kiln_version": __version__,
+        "target": desc.to_json(),
+        "target_fingerprint": desc.fingerprint(),
+        "source": imported.source,
+        "inputs": [s.to_json() for s in imported.inputs],
+        "kernels": [k.to_json() for k in kernels],
+        "params": imported.num_params,
+        "flops": sum(k.flops for k in kernels),
+    }
+
+
 def compile_model(model, target="x86", *, example_inputs=None, input_shapes=None, input_dtypes=None,
                   tuning_logs=None, precision="fp32") -> CompiledModule:
     """See :func:`compiler.compile`."""
@@ -137,25 +154,13 @@ def compile_model(model, target="x86", *, example_inputs=None, input_shapes=None
         scheduled = pipeline.schedule(applied, desc)
     else:
         scheduled = pipeline.schedule(fused, desc)
-    if desc.family == "cuda":  # nvcc-compiled device code embedded, not CUDA source (compiler/cuda.py)
-        with cuda.build_environment(desc.name):
-            executable = pipeline.build(scheduled, desc)
-    else:
+    # CUDA: nvcc-compiled device code is embedded, not CUDA source (compiler/cuda.py)
+    with cuda.build_environment(desc.name) if desc.family == "cuda" else contextlib.nullcontext():
         executable = pipeline.build(scheduled, desc)
     kernels = kernel_table(fused, groups)
-    meta = {
-        "format": 1,
-        "kiln_version": __version__,
-        "target": desc.to_json(),
-        "target_fingerprint": desc.fingerprint(),
-        "source": imported.source,
-        "inputs": [s.to_json() for s in imported.inputs],
-        "outputs": [s.to_json() for s in _output_specs(fused, imported.output_names)],
-        "kernels": [k.to_json() for k in kernels],
-        "params": imported.num_params,
-        "flops": sum(k.flops for k in kernels),
-        "precision": precision,
-    }
+    meta = module_metadata(imported, desc, kernels)
+    meta["outputs"] = [s.to_json() for s in _output_specs(fused, imported.output_names)]
+    meta["precision"] = precision
     if tuning_logs is not None:
         untuned = sorted(k.name for k in kernels if k.name not in tuned)
         meta["tuning_logs"] = str(tuning_logs)

@@ -66,13 +66,20 @@ def fuse(mod: tvm.IRModule, target: TargetDescription) -> tuple[tvm.IRModule, di
     return fused, groups
 
 
+def _copy(mod: tvm.IRModule) -> tvm.IRModule:
+    """A shallow copy: DLight's ApplyDefaultSchedule (and the database pass) write their results into
+    the module they are given, and the caller's fused module (kernel table, FLOPs, tuning tasks) must
+    not be silently scheduled too."""
+    return tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs, global_infos=mod.global_infos)
+
+
 def apply_records(mod: tvm.IRModule, target: TargetDescription, database) -> tuple[tvm.IRModule, list[str]]:
     """Apply the best tuning record of ``database`` (a MetaSchedule database) to every kernel that has
     one; return the module (a copy) and the names of the kernels a record scheduled.
 
     ``MetaScheduleApplyDatabase`` looks each PrimFunc up as the ``main`` of an IRModule, the same key
     ``schedules.search.extract_tasks`` tunes under, and marks what it scheduled ``tirx.is_scheduled``."""
-    mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs, global_infos=mod.global_infos)
+    mod = _copy(mod)
     unscheduled = {gv.name_hint for gv, f in mod.functions_items()
                    if isinstance(f, tvm.tirx.PrimFunc) and not f.attrs.get("tirx.is_scheduled", False)}
     with target.to_tvm(), database:
@@ -88,11 +95,10 @@ def schedule(mod: tvm.IRModule, target: TargetDescription, database=None) -> tvm
     Kiln's default schedule for every kernel still unscheduled."""
     import schedules
 
-    # DLight's ApplyDefaultSchedule writes its results into the module it is given: work on a copy so
-    # the caller's fused module (kernel table, FLOPs, tuning tasks) is not silently scheduled too.
-    mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs, global_infos=mod.global_infos)
     if database is not None:
-        mod, _tuned = apply_records(mod, target, database)
+        mod, _tuned = apply_records(mod, target, database)  # works on a copy
+    else:
+        mod = _copy(mod)
     with target.to_tvm():
         return tvm.transform.Sequential(
             [

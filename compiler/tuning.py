@@ -19,8 +19,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from targets import TargetDescription
-
 from .errors import TargetError, TuningError
 
 log = logging.getLogger(__name__)

@@ -44,9 +44,9 @@ def compile_mcu(model, desc, *, example_inputs=None, input_shapes=None, input_dt
 
     ``schedule_kernels=False`` keeps TVM's plain loops (every fused intermediate becomes a kernel
     workspace): for comparisons and tests of the workspace planning."""
-    from .. import __version__, pipeline
+    from .. import pipeline
     from ..analysis import kernel_table
-    from ..build import import_model
+    from ..build import import_model, module_metadata
     from . import codegen, schedule
 
     if tuning_logs is not None:
@@ -82,21 +82,14 @@ def compile_mcu(model, desc, *, example_inputs=None, input_shapes=None, input_dt
             f"{_kb(plan.tensor_bytes)}, largest kernel workspace {_kb(plan.workspace_bytes)}; inputs and outputs "
             f"{_kb(io_bytes)}), the target has {_kb(ram)}")
     ktable = kernel_table(fused, groups)
-    meta = {
-        "format": 1,
+    meta = module_metadata(imported, desc, ktable)
+    meta.update({
         "kind": "mcu-c-library",
-        "kiln_version": __version__,
         "prefix": "model",
-        "target": desc.to_json(),
-        "target_fingerprint": desc.fingerprint(),
-        "source": imported.source,
         "inputs": [s.to_json() for s in (program_spec(program, i) for i in program.inputs)],
         "outputs": [{"name": n, "shape": list(program.tensors[i].shape), "dtype": program.tensors[i].dtype}
                     for n, i in zip(program.output_names, program.outputs)],
-        "kernels": [k.to_json() for k in ktable],
         "kernels_called": [c.kernel for c in program.calls],
-        "params": imported.num_params,
-        "flops": sum(k.flops for k in ktable),
         "memory": {
             "weights_bytes": weights,
             "arena_bytes": plan.arena_bytes,
@@ -107,7 +100,7 @@ def compile_mcu(model, desc, *, example_inputs=None, input_shapes=None, input_dt
             "flash_limit_bytes": flash,
             "ram_limit_bytes": ram,
         },
-    }
+    })
     log.info("compiled for %s in %.1f s", desc.name, time.perf_counter() - t0)
     return MCUModule(meta, program, plan, kernels_c, peaks)
 

@@ -57,7 +57,6 @@ from __future__ import annotations
 import logging
 
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight import ScheduleRule
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.gpu.matmul import IterKind
 from tvm.tirx.analysis import undefined_vars

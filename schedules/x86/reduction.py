@@ -36,9 +36,7 @@ from __future__ import annotations
 import logging
 
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight import ScheduleRule
 from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.target import Target
 
 from .elementwise import GuardedRule, PARALLEL_MIN_ELEMENTS, schedule_spatial_block, vector_lanes
 
