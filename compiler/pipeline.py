@@ -27,6 +27,7 @@ def prepare(mod: tvm.IRModule, target: TargetDescription) -> tvm.IRModule:
     per-channel affine folding into convolutions, and the target's preferred data layouts."""
     import schedules
 
+    schedules.install_hooks()
     steps = [
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
@@ -132,5 +133,8 @@ def build(mod: tvm.IRModule, target: TargetDescription) -> relax.VMExecutable:
         + backend.finalize_passes(tvm_target),
         name="kiln.finalize",
     )
+    import schedules
+
+    schedules.install_hooks()
     with tvm_target:
         return tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline)

@@ -17,6 +17,24 @@ import tvm
 from targets import TargetDescription
 
 
+def install_hooks() -> None:
+    """Kiln's additions to TVM's process-global registries, made explicitly (never at import) by
+    ``compiler.pipeline`` before it converts layouts or builds, and by the tuner's build workers so
+    candidates are built exactly as compile builds them:
+
+    * a layout-inference rule for ``relax.clip`` (ReLU6), which TVM 0.27 lacks
+      (``schedules.x86.conv.register_clip_layout_inference``);
+    * vectorisable polynomial lowerings of float ``exp``/``erf``/``tanh``/``sigmoid`` for the ``llvm``
+      target kind (``schedules.x86.elementwise.install_vector_math``; max relative error ~3e-7).
+
+    Both are idempotent. They stay in force for the rest of the process: other TVM builds in the same
+    process after a Kiln compile also get the polynomial lowerings on LLVM targets."""
+    from .x86 import conv, elementwise
+
+    conv.register_clip_layout_inference()
+    elementwise.install_vector_math()
+
+
 def preferred_layouts(target: TargetDescription) -> dict[str, list[str]] | None:
     """Layouts for ``ConvertLayout`` on ``target`` (``None``: leave the model's layouts alone)."""
     if target.family in ("x86", "arm"):  # ARM reuses the x86 rules: their widths come from the target

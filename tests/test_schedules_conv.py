@@ -235,3 +235,18 @@ def test_weight_repack_is_folded_at_compile_time():
             tvm.IRModule(dict(fused.functions_items()), attrs=fused.attrs))
     assert preproc_blocks(only_rules), "the conv rule no longer repacks this weight: test is moot"
     assert not preproc_blocks(pipeline.schedule(fused, desc))
+
+
+def test_relu6_keeps_channels_last():
+    """ReLU6 (relax.clip) between convolutions stays NHWC after pipeline.prepare: the layout rule
+    Kiln installs (schedules.install_hooks) keeps ConvertLayout from wrapping each clip in a pair of
+    transposes (MobileNetV2 bounced NCHW<->NHWC twice per block without it)."""
+    from compiler.build import import_model
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1), torch.nn.ReLU6(), torch.nn.Conv2d(16, 16, 3, padding=1,
+                                                                                            groups=16),
+                                torch.nn.ReLU6(), torch.nn.Conv2d(16, 8, 1)).eval()
+    imported = import_model(model, example_inputs=(torch.randn(1, 8, 12, 12),))
+    text = pipeline.prepare(imported.mod, TARGET).script()
+    # one transpose in (NCHW -> NHWC) and one out, none around the clips
+    assert text.count("R.permute_dims") == 2, text

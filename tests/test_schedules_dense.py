@@ -333,3 +333,20 @@ def test_avx2_target():
 
     _seed()
     _run(M(), torch.randn(3, 20, 64), first={"matmul": "Matmul", "softmax": "Reduction"}, target=haswell)
+
+
+def test_registry_hooks_are_explicit():
+    """Importing Kiln changes none of TVM's global registries; the pipeline and the tuner's build
+    workers install Kiln's hooks (schedules.install_hooks) themselves, so tuned candidates are built
+    with the same lowerings as compiled modules."""
+    import subprocess
+    import sys
+
+    probe = ("import tvm, compiler, schedules, schedules.x86.conv, schedules.x86.elementwise\n"
+             "has = lambda: tvm.ir.Op.get('relax.clip').get_attr('FRelaxInferLayout') is not None\n"
+             "print(has())\n"
+             "from schedules import search\n"
+             "search._import_tvm()\n"
+             "print(has())\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["False", "True"]

@@ -5,7 +5,7 @@ Design
 Layout. ``PREFERRED_LAYOUTS`` converts every ``relax.nn.conv2d`` to NHWC activations and HWIO
 weights; pooling, elementwise ops and reductions follow their producer's layout, so activations
 stay channels-last between convolutions (``relax.clip``, i.e. ReLU6, gets the unary layout rule
-registered below, which TVM 0.27 lacks: without it MobileNetV2 bounced NCHW<->NHWC). TOPI
+registered by ``register_clip_layout_inference``, which TVM 0.27 lacks: without it MobileNetV2 bounced NCHW<->NHWC). TOPI
 cannot legalize channel-blocked layouts (NCHWc) in TVM 0.27, so NHWC/HWIO is the packed layout we
 can have: the output channel is the innermost axis of both the weights and the output, so a
 vector of output channels is one contiguous load of weights and one contiguous store of outputs,
@@ -74,7 +74,7 @@ from tvm.s_tir.dlight import ScheduleRule
 PREFERRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
 
-def _register_clip_layout_inference() -> None:
+def register_clip_layout_inference() -> None:
     """``relax.clip`` (ReLU6, clamp) has no layout inference in TVM 0.27, so ConvertLayout wraps
     every clip in a transpose back to NCHW and out again (MobileNetV2: twice per block). Its
     ``a_min``/``a_max`` are scalars, so it is a unary elementwise op as far as layouts go: reuse the
@@ -90,8 +90,6 @@ def _register_clip_layout_inference() -> None:
     except Exception:  # pragma: no cover - registry differs: layouts still correct, just slower
         pass
 
-
-_register_clip_layout_inference()
 
 
 # ---------------------------------------------------------------------------------------------

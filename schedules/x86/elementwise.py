@@ -246,8 +246,8 @@ class Fallback(GuardedRule):
 # the polynomial below). These rules lower the float32 (and float16, computed in float32) forms to
 # branch-free polynomial / rational approximations that LLVM vectorises (the same approximations as
 # TOPI's ``fast_exp``/``fast_erf``/``fast_tanh``: max relative error about 3e-7). Other dtypes keep
-# TVM's default lowering. The rules are registered for the ``llvm`` target kind once, when this
-# module is imported (TVM's intrinsic-lowering table is process-global).
+# TVM's default lowering. The rules are registered for the ``llvm`` target kind once per process by
+# ``install_vector_math`` (via ``schedules.install_hooks``; TVM's intrinsic-lowering table is process-global).
 
 
 def _expr_dtype(e) -> str:
@@ -340,5 +340,3 @@ def install_vector_math() -> None:
         tirx.register_intrin_lowering(f"tirx.{name}", "llvm", f=_lowering(fn), level=99)
     _VECTOR_MATH_INSTALLED = True
 
-
-install_vector_math()
