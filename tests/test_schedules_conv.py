@@ -191,6 +191,9 @@ def test_tile_choice_respects_vector_width():
     avx2 = targets.get("haswell").to_tvm()
     assert conv_mod.vector_lanes(avx512) == 16 and conv_mod.num_vector_registers(avx512) == 32
     assert conv_mod.vector_lanes(avx2) == 8 and conv_mod.num_vector_registers(avx2) == 16
+    aarch64, armv7 = targets.get("rpi4").to_tvm(), targets.get("armv7").to_tvm()
+    assert conv_mod.vector_lanes(aarch64) == 4 and conv_mod.num_vector_registers(aarch64) == 32
+    assert conv_mod.vector_lanes(armv7) == 4 and conv_mod.num_vector_registers(armv7) == 16
     for ow in (7, 13, 14, 15, 56, 112):
         for regs in (16, 32):
             r, v = conv_mod.choose_tile(ow, 8, regs, False)

@@ -124,7 +124,11 @@ def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
 
 
 def num_vector_registers(target: Target) -> int:
-    """Architectural vector registers: 32 with AVX-512, 16 with AVX/AVX2/SSE."""
+    """Architectural vector registers: 32 with AVX-512 and on AArch64 (v0-v31), 16 with
+    AVX/AVX2/SSE and on 32-bit ARM NEON (q0-q15)."""
+    triple = str(target.attrs.get("mtriple", "")) if "mtriple" in target.attrs else ""
+    if triple.startswith(("aarch64", "arm64")):
+        return 32
     return 32 if vector_bits(target) >= 512 else 16
 
 
