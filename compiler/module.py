@@ -205,11 +205,22 @@ class CompiledModule:
 
         return TargetDescription.from_json(self.meta["target"])
 
-    def export(self, path: str | os.PathLike) -> Path:
-        """Write one self-contained ``.so`` (code, weights, metadata) loadable with ``compiler.load``."""
+    def export(self, path: str | os.PathLike, *, bundle: bool = False) -> Path:
+        """Write one self-contained ``.so`` (code, weights, metadata) loadable with ``compiler.load``.
+
+        ``bundle=True``: ``path`` is a directory instead, written as a deployment bundle for the
+        module's target (``model.so``, the minimal TVM runtime libraries for the board, a C++ runner and
+        a README; no Python needed on the board): the same as ``kiln package`` (``compiler.package``)."""
         from . import artifact
         from .build import export_compiler
 
+        if bundle:
+            import tempfile
+
+            from .package import package
+
+            with tempfile.TemporaryDirectory(prefix="kiln-export-") as tmp:
+                return package(self.export(Path(tmp) / "model.so"), out_dir=path)
         out = artifact.export(self._executable, path, self.meta, fcompile=export_compiler(self.target))
         if self.target.kind == "cuda":  # compiled SASS for the target's sm_XX inside, not CUDA source
             from .cuda import check_device_code

@@ -281,6 +281,27 @@ def test_export_overwrites_and_creates_dirs(compiled_zoo, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["mlp.so"]  # no temporary files left
 
 
+def test_export_bundle_runs_without_python(compiled_zoo, tmp_path):
+    """export(dir, bundle=True) writes a deployment bundle (model, runtime libraries, C++ runner) for
+    the module's target; on this x86 machine the runner runs it with no Python in its environment."""
+    import subprocess
+
+    mod = compiled_zoo("tiny_cnn")
+    bundle = mod.export(tmp_path / "bundle", bundle=True)
+    assert bundle == tmp_path / "bundle"
+    assert {"model.so", "model.inputs", "kiln_runner", "README.md"} <= {p.name for p in bundle.iterdir()}
+    x = mod.random_inputs(seed=5)[0]
+    x.tofile(tmp_path / "x.bin")
+    run = subprocess.run([str(bundle / "kiln_runner"), str(bundle / "model.so"), str(bundle / "model.inputs"),
+                          str(tmp_path / "x.bin")], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stderr
+    want = mod(x)
+    got = np.fromfile(tmp_path / "output0.bin", np.float32).reshape(want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert not list(tmp_path.glob(".bundle.*"))  # no half-written bundle left beside it
+
+
 # ---------------------------------------------------------------- ONNX input shapes
 
 
