@@ -191,6 +191,13 @@ class CompiledModule:
             statistics.stdev(times) if len(times) > 1 else 0.0, min(times), max(times), repeat,
         )
 
+    def profile(self, *arrays, repeat: int = 20, warmup: int = 3, **named):
+        """Time every fused kernel over ``repeat`` runs (random inputs when none are given): a
+        :class:`compiler.profile.Profile`, printable as a table, slowest kernel first."""
+        from .profile import profile
+
+        return profile(self, *arrays, repeat=repeat, warmup=warmup, **named)
+
     # -- describing and exporting ------------------------------------------------------------------
     def summary(self) -> ModuleSummary:
         """Inputs, outputs, fused kernels (with the operators each fuses), parameters, FLOPs."""
