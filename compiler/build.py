@@ -108,6 +108,20 @@ def open_tuning_logs(path, target: TargetDescription):
     return logs_db.open_logs(path, target, create=False).database
 
 
+#: Kiln's own tuning logs (``tuning_logs/`` beside the packages): records for the zoo models on
+#: the reference targets, measured on the machines Kiln is developed on (README, "Shipped tuning logs").
+SHIPPED_LOGS = Path(__file__).resolve().parent.parent / "tuning_logs"
+
+
+def shipped_logs(target: TargetDescription) -> Path | None:
+    """:data:`SHIPPED_LOGS` when it holds records for ``target``'s exact fingerprint (same CPU model,
+    features and cores), else None: records of another machine never answer this one's queries."""
+    from schedules import database as logs_db
+
+    work = SHIPPED_LOGS / target.fingerprint()
+    return SHIPPED_LOGS if (work / logs_db.TARGET_FILE).exists() and (work / logs_db.RECORD_FILE).exists() else None
+
+
 def module_metadata(imported: ImportedModel, desc: TargetDescription, kernels) -> dict:
     """The metadata every compiled artifact carries (a .so's embedded JSON, an MCU library's
     kiln.json): format, Kiln version, target, inputs, fused kernels, parameters, FLOPs."""
@@ -137,7 +151,7 @@ def compile_model(model, target="x86", *, example_inputs=None, input_shapes=None
         from .mcu import compile_mcu
 
         return compile_mcu(model, desc, example_inputs=example_inputs, input_shapes=input_shapes,
-                           input_dtypes=input_dtypes, tuning_logs=tuning_logs)
+                           input_dtypes=input_dtypes, tuning_logs=None if tuning_logs is False else tuning_logs)
     if not buildable(desc):
         raise TargetError(
             f"target {desc.name!r} ({desc.family}) cannot be built by Kiln {__version__} yet; "
@@ -149,6 +163,14 @@ def compile_model(model, target="x86", *, example_inputs=None, input_shapes=None
     prepared = cuda.mixed_precision(pipeline.prepare(imported.mod, desc), precision)
     fused, groups = pipeline.fuse(prepared, desc)
     tuned: list[str] = []
+    explicit_logs = tuning_logs not in (None, False)
+    if tuning_logs is None:  # Kiln's shipped records for this exact target, if it has any
+        tuning_logs = shipped_logs(desc)
+        if tuning_logs is not None:
+            log.info("using Kiln's shipped tuning records for %s (%s); tuning_logs=False to compile without",
+                     desc.name, tuning_logs)
+    elif tuning_logs is False:
+        tuning_logs = None
     if tuning_logs is not None:
         applied, tuned = pipeline.apply_records(fused, desc, open_tuning_logs(tuning_logs, desc))
         scheduled = pipeline.schedule(applied, desc)
@@ -164,9 +186,10 @@ def compile_model(model, target="x86", *, example_inputs=None, input_shapes=None
     if tuning_logs is not None:
         untuned = sorted(k.name for k in kernels if k.name not in tuned)
         meta["tuning_logs"] = str(tuning_logs)
+        meta["tuning_logs_shipped"] = not explicit_logs
         meta["tuned_kernels"] = tuned
         meta["untuned_kernels"] = untuned
-        if untuned:
+        if untuned and explicit_logs:
             log.warning("%d of %d kernels compiled without a tuning record in %s (default schedules): %s",
                         len(untuned), len(kernels), tuning_logs, ", ".join(untuned))
     log.info("compiled for %s in %.1f s", desc.name, time.perf_counter() - t0)

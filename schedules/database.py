@@ -484,7 +484,20 @@ def _describe(work: Path, meta: dict) -> str:
     return f"{work} is for target {meta['target']['name']!r} (fingerprint {meta['fingerprint']})"
 
 
-def merge(sources, log_dir, *, target: TargetDescription | None = None, strict: bool = False) -> MergeResult:
+def _best_records(records: list[bytes]) -> list[bytes]:
+    """The fastest measured record line per workload index (failed candidates dropped), in file order."""
+    best: dict[int, tuple[float, int]] = {}
+    for i, raw in enumerate(records):
+        idx, rec = json.loads(raw)
+        secs = record_seconds(rec)
+        if secs is not None and (idx not in best or secs < best[idx][0]):
+            best[idx] = (secs, i)
+    keep = sorted(i for _, i in best.values())
+    return [records[i] for i in keep]
+
+
+def merge(sources, log_dir, *, target: TargetDescription | None = None, strict: bool = False,
+          best_only: bool = False) -> MergeResult:
     """Merge the per-target databases in ``sources`` (each a per-target folder or a tuning-log
     directory) into ``log_dir`` (``log_dir/<fingerprint>``, or ``log_dir`` itself if it is a
     per-target folder).
@@ -494,7 +507,11 @@ def merge(sources, log_dir, *, target: TargetDescription | None = None, strict: 
     :class:`TuningError` naming both. Workloads are deduplicated by structural hash; records are all
     kept, except a second copy of the same trace for the same workload. The merged database is
     written to a staging folder, checked to load with MetaSchedule, then moved into place file by
-    file (workloads first, so a crash never leaves records pointing at a missing workload)."""
+    file (workloads first, so a crash never leaves records pointing at a missing workload).
+
+    ``best_only``: keep only the fastest measured record of each workload (the one compile applies),
+    e.g. to ship logs with a model or with Kiln (``tuning_logs/``): a fraction of the size, and as fast
+    to compile with; resumed tuning then starts from those records."""
     import tempfile
 
     srcs: list[tuple[Path, dict]] = []
@@ -556,6 +573,8 @@ def merge(sources, log_dir, *, target: TargetDescription | None = None, strict: 
         for name, entry in read_models(work).items():
             if name not in models or str(entry.get("updated", "")) > str(models[name].get("updated", "")):
                 models[name] = entry
+    if best_only:
+        records = _best_records(records)
     root.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".merge-", dir=root))
     try:

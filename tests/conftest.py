@@ -150,3 +150,21 @@ def tiny_cnn_so(compiled_zoo, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("modules") / "tiny_cnn.so"
     compiled_zoo("tiny_cnn").export(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tuned_logs(tmp_path_factory) -> Path:
+    """``kiln tune zoo:mlp --trials 3 --log-dir DIR`` (one trial per kernel, about a minute), once per
+    session; read-only: copy it before changing anything."""
+    import contextlib
+    import io
+
+    from compiler import cli
+
+    root = tmp_path_factory.mktemp("tuning") / "logs"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(["tune", "zoo:mlp", "--target", "x86", "--trials", "3", "--log-dir", str(root)])
+    assert code == 0, out.getvalue()
+    assert "tuned zoo:mlp" in out.getvalue() and "--tuning-logs" in out.getvalue()
+    return root
