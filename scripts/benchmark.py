@@ -30,7 +30,7 @@ def bench_model(name: str, repeat: int, threads: int) -> dict:
 
     model, inputs = zoo.load(name)
     t0 = time.perf_counter()
-    mod = compiler.compile(model, target="x86", example_inputs=inputs)
+    mod = compiler.compile(model, target="x86", example_inputs=inputs, tuning_logs=False)  # defaults only
     compile_s = time.perf_counter() - t0
     arrays = [t.numpy() for t in inputs]
     out = mod.run(*arrays)

@@ -49,7 +49,12 @@ def main(argv=None) -> int:
     print(f"[1/4] compiling zoo:{args.model} for this CPU (target x86) ...", flush=True)
     t0 = time.perf_counter()
     mod = compiler.compile(model, target="x86", example_inputs=inputs)
-    print(f"      compiled in {time.perf_counter() - t0:.1f} s")
+    print(f"      compiled in {time.perf_counter() - t0:.1f} s", end="")
+    if mod.meta.get("tuning_logs_shipped"):
+        print(f", with Kiln's shipped tuning records ({len(mod.meta['tuned_kernels'])} of "
+              f"{len(mod.meta['kernels'])} kernels tuned on this CPU model)")
+    else:
+        print(", with Kiln's default schedules (no tuning records shipped for this CPU)")
     print(mod.summary())
 
     work = tempfile.mkdtemp(prefix="kiln-demo-")
