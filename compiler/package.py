@@ -5,17 +5,29 @@
     bundle/
       model.so             the module (code, weights, metadata)
       model.inputs         one line per input: NAME DTYPE DIM0 DIM1 ...
-      lib/libtvm_runtime.so, lib/libtvm_ffi.so   the TVM runtime for the board's CPU (~5 MB)
+      lib/libtvm_runtime.so, lib/libtvm_ffi.so   the TVM runtime for the board's CPU (~5 MB; armv7 3.5 MB)
       kiln_runner          a small C++ runner, prebuilt for the board (finds lib/ through its rpath)
       kiln_runner.cc       its source
       README.md            how to copy it to the board and run it
 
 No Python and no compiler are needed on the board. The aarch64 runtime libraries come from the
 aarch64 TVM wheels that ``scripts/setup_arm.sh`` installs; an x86-64 bundle uses this machine's.
+
+ARMv7 (32-bit hard-float): PyPI has no armv7 TVM wheels, so ``scripts/setup_armv7.sh`` cross-compiles
+``libtvm_ffi.so`` and ``libtvm_runtime.so`` (about 3.5 MB together) from the sources inside the installed
+x86 wheels, plus seven headers the wheel omits (vendored in ``compiler/runner/tvm_headers/``), into
+``${KILN_CACHE:-~/.cache/kiln}/armv7/lib`` (203 s cold with ``-j2`` on a shared 2-core machine). The runtime has the Relax
+VM, library modules, tensors, the CPU device and thread pool; not RPC, disco, GPU backends or the LLM
+KV-cache state. The armhf linker drops libraries under ``--as-needed``: everything links with
+``-Wl,--no-as-needed``. It needs glibc >= 2.34 and libstdc++ of GCC >= 12 on the board (Debian 12 /
+Raspberry Pi OS bookworm, 32-bit). Here the bundle runs under ``qemu-arm-static -L /usr/arm-linux-gnueabihf``
+(tests/test_arm.py, marker ``armv7``): tiny_cnn and the BERT-style encoder matched the x86 build and PyTorch
+(BERT within 6e-6 of x86; about 9 s emulated, 0.3 s for tiny_cnn).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -34,6 +46,47 @@ _TRIPLE_ARCH = {"aarch64": "aarch64", "x86_64": "x86_64", "armv7l": "arm", "armv
 
 def _arch(desc: TargetDescription) -> str:
     return _TRIPLE_ARCH.get(desc.triple.split("-")[0], desc.triple.split("-")[0] or "?")
+
+
+ARMV7_SETUP_HINT = ("run scripts/setup_armv7.sh (cross-compiles the armv7 TVM runtime from the installed wheels' "
+                    "sources, about 3.5 minutes once; cached under ${KILN_CACHE:-~/.cache/kiln}/armv7)")
+
+
+def armv7_runtime_dir() -> Path:
+    """Where ``scripts/setup_armv7.sh`` installs the armv7 runtime (``KILN_ARMV7_RUNTIME`` overrides)."""
+    from .emulator import cache_dir
+
+    return Path(os.environ.get("KILN_ARMV7_RUNTIME") or cache_dir() / "armv7" / "lib")
+
+
+def armv7_runtime() -> tuple[Path, Path]:
+    """``libtvm_runtime.so`` and ``libtvm_ffi.so`` built for armv7 from the installed TVM wheels' sources,
+    or a :class:`TargetError` saying how to build them (also when they were built from other versions)."""
+    from importlib.metadata import version
+
+    lib = armv7_runtime_dir()
+    runtime, ffi, info = lib / "libtvm_runtime.so", lib / "libtvm_ffi.so", lib / "kiln-runtime.json"
+    if not (runtime.exists() and ffi.exists() and info.exists()):
+        raise TargetError(f"the armv7 TVM runtime is not built (no {runtime}): {ARMV7_SETUP_HINT}")
+    try:
+        built = json.loads(info.read_text())
+    except (OSError, ValueError) as err:
+        raise TargetError(f"unreadable {info} ({err}): {ARMV7_SETUP_HINT}") from None
+    want = {pkg: version(pkg) for pkg in ("apache-tvm", "apache-tvm-ffi")}
+    stale = [f"{pkg} {built.get(pkg)} (installed: {v})" for pkg, v in want.items() if built.get(pkg) != v]
+    if stale:
+        raise TargetError(f"the armv7 TVM runtime in {lib} was built from other TVM wheels: {', '.join(stale)}; "
+                          f"{ARMV7_SETUP_HINT}")
+    return runtime, ffi
+
+
+def armv7_unavailable_reason() -> str | None:
+    """None when the armv7 runtime is built for the installed wheels, else why not (for ``pytest.skip``)."""
+    try:
+        armv7_runtime()
+    except TargetError as err:
+        return str(err)
+    return None
 
 
 def runtime_files(desc: TargetDescription) -> tuple[Path, Path, Path]:
@@ -55,9 +108,15 @@ def runtime_files(desc: TargetDescription) -> tuple[Path, Path, Path]:
         runtime = Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so"
         ffi_dir = Path(tvm_ffi.__file__).parent
         return runtime, ffi_dir / "lib" / "libtvm_ffi.so", ffi_dir / "include"
+    if arch == "arm" and desc.float_abi == "hard":
+        import tvm_ffi
+
+        runtime, ffi = armv7_runtime()
+        return runtime, ffi, Path(tvm_ffi.__file__).parent / "include"  # headers: the same on every CPU
     raise TargetError(
         f"no TVM runtime for {desc.name!r} ({desc.triple}): PyPI has no {arch} TVM wheels, so the runtime "
-        "must be built from source for that CPU; bundles are available for aarch64 and x86-64 targets"
+        "must be built from source for that CPU; bundles are available for aarch64, armv7 (hard-float) and "
+        "x86-64 targets"
     )
 
 
@@ -119,7 +178,8 @@ def package(module: str | os.PathLike, out_dir: str | os.PathLike | None = None,
         build_runner(desc, tmp / "kiln_runner", tmp / "lib", include)
         (tmp / "model.inputs").write_text(
             "".join(f"{d['name']} {d['dtype']} {' '.join(str(x) for x in d['shape'])}\n" for d in meta["inputs"]))
-        (tmp / "README.md").write_text(_readme(meta, desc, out.name))
+        lib_mb = sum(p.stat().st_size for p in (tmp / "lib").iterdir()) / 1e6
+        (tmp / "README.md").write_text(_readme(meta, desc, out.name, lib_mb))
         tmp.chmod(0o755)  # mkdtemp made it private
         if out.exists():
             shutil.rmtree(out)
@@ -129,13 +189,38 @@ def package(module: str | os.PathLike, out_dir: str | os.PathLike | None = None,
     return out
 
 
-def _readme(meta: dict, desc: TargetDescription, dirname: str) -> str:
+#: arch -> (what the board needs, the QEMU command prefix here, how to get it)
+_BOARD = {
+    "aarch64": ("a 64-bit ARM Linux with glibc 2.28 or newer and libstdc++",
+                "qemu-aarch64-static -L /usr/aarch64-linux-gnu",
+                "On an x86 machine with `qemu-user-static` and the aarch64 C/C++ libraries (Debian: "
+                "`libstdc++6-arm64-cross`, installed with `g++-aarch64-linux-gnu`):"),
+    "arm": ("a 32-bit ARM hard-float (armhf) Linux with glibc 2.34 or newer and libstdc++ of GCC 12 or newer "
+            "(Debian 12 / Raspberry Pi OS bookworm 32-bit, or newer): the runtime in `lib/` was cross-compiled "
+            "by Kiln's scripts/setup_armv7.sh (PyPI has no armv7 TVM wheels)",
+            "qemu-arm-static -L /usr/arm-linux-gnueabihf",
+            "On an x86 machine with `qemu-user-static` and the armhf C/C++ libraries (Debian: "
+            "`libstdc++6-armhf-cross`, installed with `g++-arm-linux-gnueabihf`):"),
+    "x86_64": ("an x86-64 Linux with glibc and libstdc++", "", "On this kind of machine directly:"),
+}
+
+
+def _emulation_note(arch: str) -> str:
+    if arch == "x86_64":
+        return ""
+    note = "Timings under emulation are for correctness checks only."
+    if arch == "aarch64":
+        note += (" `kiln run model.so --emulate` runs the model the same way through Python on Kiln's emulated "
+                 "device (scripts/setup_arm.sh).")
+    return note
+
+
+def _readme(meta: dict, desc: TargetDescription, dirname: str, lib_mb: float = 5.0) -> str:
     ins = "\n".join(f"- `{d['name']}`: {d['dtype']} {d['shape']}" for d in meta["inputs"])
     outs = "\n".join(f"- `output{i}.bin` (`{d['name']}`): {d['dtype']} {d['shape']}"
                      for i, d in enumerate(meta["outputs"]))
     arch = _arch(desc)
-    qemu = ("qemu-aarch64-static -L /usr/aarch64-linux-gnu ./kiln_runner model.so model.inputs x.bin"
-            if arch == "aarch64" else "./kiln_runner model.so model.inputs x.bin")
+    board, qemu, emulated = _BOARD.get(arch, _BOARD["x86_64"])
     inc = "tvm_ffi/include from the apache-tvm-ffi wheel"
     return f"""# Kiln model bundle for {desc.name}
 
@@ -143,8 +228,7 @@ def _readme(meta: dict, desc: TargetDescription, dirname: str) -> str:
 for target `{meta['target']['name']}`.
 
 Runs with no Python and no compiler on the board: the model (`model.so`), the TVM runtime (`lib/`, about
-5 MB) and a prebuilt C++ runner (`kiln_runner`, source in `kiln_runner.cc`). The board needs only a
-{'64-bit ARM' if arch == 'aarch64' else arch} Linux with glibc 2.28 or newer and libstdc++.
+{lib_mb:.1f} MB) and a prebuilt C++ runner (`kiln_runner`, source in `kiln_runner.cc`). The board needs only {board}.
 
 ## Run it on the board
 
@@ -155,7 +239,7 @@ Runs with no Python and no compiler on the board: the model (`model.so`), the TV
     ./kiln_runner model.so model.inputs x.bin --repeat 100   # also print the mean latency
 
 Inputs ({len(meta['inputs'])}), listed in `model.inputs`, are raw little-endian arrays, e.g. from NumPy:
-`x.astype("float32").tofile("x.bin")`. An input left out is filled with 1.0.
+`x.astype("float32").tofile("x.bin")`. An input left out is filled with ones.
 
 {ins}
 
@@ -167,12 +251,11 @@ Read them back with `numpy.fromfile("output0.bin", dtype).reshape(shape)`.
 
 ## Without a board
 
-{'On an x86 machine with `qemu-user-static` and the aarch64 C/C++ libraries (Debian: `libstdc++6-arm64-cross`, installed with `g++-aarch64-linux-gnu`):' if arch == 'aarch64' else ''}
+{emulated}
 
-    {qemu}
+    {qemu + ' ' if qemu else ''}./kiln_runner model.so model.inputs x.bin
 
-Timings under emulation are for correctness checks only. `kiln run model.so --emulate` runs the model the same
-way through Python on Kiln's emulated device (scripts/setup_arm.sh).
+{_emulation_note(arch)}
 
 ## Rebuilding the runner
 

@@ -278,3 +278,105 @@ def test_package_refuses_a_mismatched_target(arm_modules, tmp_path, capsys):
     assert code == 1 and "dotprod" in err and "--target rpi4" in err
     code, _, err = _cli(capsys, "package", path, "--target", "x86", "-o", tmp_path / "b")
     assert code == 1 and "aarch64" in err
+
+
+# ---------------------------------------------------------------- armv7: a runtime built here, the bundle under QEMU
+# Tests marked ``armv7`` package an armv7 module with the TVM runtime that ``scripts/setup_armv7.sh``
+# cross-compiles (no armv7 wheels exist) and run the bundle's C++ runner under
+# ``qemu-arm-static -L /usr/arm-linux-gnueabihf``: no Python on the emulated side.
+
+
+def _armv7_reason() -> str | None:
+    from compiler.package import armv7_unavailable_reason
+
+    if shutil.which("qemu-arm-static") is None:
+        return "qemu-arm-static not installed: run scripts/setup_arm.sh"
+    return armv7_unavailable_reason()
+
+
+needs_armv7_runtime = pytest.mark.skipif(_armv7_reason() is not None, reason=f"{_armv7_reason()}")
+
+
+def _run_armv7_bundle(bundle, inputs, cwd, *extra: str) -> tuple[list[np.ndarray], str]:
+    """Run the bundle's runner on ``inputs`` (NumPy arrays, in order; may be fewer than the model's) under
+    qemu-arm-static with only the armhf C libraries; the outputs as the metadata describes them, and stdout."""
+    files = []
+    for i, x in enumerate(inputs):
+        x.tofile(cwd / f"in{i}.bin")
+        files.append(str(cwd / f"in{i}.bin"))
+    run = subprocess.run(["qemu-arm-static", "-L", "/usr/arm-linux-gnueabihf", str(bundle / "kiln_runner"),
+                          str(bundle / "model.so"), str(bundle / "model.inputs"), *files, *extra],
+                         capture_output=True, text=True, cwd=cwd, timeout=300, env={"PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    outs = artifact.read_metadata(bundle / "model.so")["outputs"]
+    got = [np.fromfile(cwd / f"output{i}.bin", d["dtype"]).reshape(d["shape"]) for i, d in enumerate(outs)]
+    return got, run.stdout
+
+
+def _package_armv7(capsys, path, out):
+    code, stdout, err = _cli(capsys, "package", path, "--target", "armv7", "-o", out)
+    assert code == 0, err
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert names == {"model.so", "model.inputs", "kiln_runner", "kiln_runner.cc", "README.md",
+                     "lib/libtvm_runtime.so", "lib/libtvm_ffi.so"}
+    for f in ("kiln_runner", "lib/libtvm_runtime.so", "lib/libtvm_ffi.so", "model.so"):
+        assert artifact.elf_machine(out / f) == "arm", f
+        assert (out / f).read_bytes()[4] == 1, f"{f}: not a 32-bit ELF"
+    readme = (out / "README.md").read_text()
+    assert "qemu-arm-static -L /usr/arm-linux-gnueabihf ./kiln_runner model.so model.inputs" in readme
+    assert "armhf" in readme and "setup_armv7.sh" in readme
+    return out
+
+
+@pytest.mark.armv7
+@needs_armhf_cc
+@needs_armv7_runtime
+def test_armv7_bundle_runs_tiny_cnn_under_qemu_arm(arm_modules, compiled_zoo, capsys, tmp_path):
+    model, inputs = zoo_model("tiny_cnn")
+    x = _numpy(inputs)
+    _, path = arm_modules("tiny_cnn", "armv7")
+    bundle = _package_armv7(capsys, path, tmp_path / "bundle")
+    (got,), stdout = _run_armv7_bundle(bundle, x, tmp_path, "--repeat", "2")
+    assert "output0: 1x10 float32" in stdout and "mean latency" in stdout
+    assert_close(got, compiled_zoo("tiny_cnn").run(*x), what="armv7 vs x86")
+    assert_close(got, run_torch(model, inputs), what="armv7 vs torch")
+    # an input left out is ones
+    (ones,), _ = _run_armv7_bundle(bundle, [], tmp_path)
+    assert_close(ones, compiled_zoo("tiny_cnn").run(np.ones_like(x[0])), what="armv7, ones")
+
+
+@pytest.mark.armv7
+@pytest.mark.slow
+@needs_armhf_cc
+@needs_armv7_runtime
+def test_armv7_bundle_runs_bert_under_qemu_arm(arm_modules, compiled_zoo, capsys, tmp_path):
+    """The BERT-style encoder (int64 token ids in, 1x128x384 out) through the armv7 runtime (~10 s emulated)."""
+    model, inputs = zoo_model("bert")
+    x = _numpy(inputs)
+    assert x[0].dtype == np.int64
+    _, path = arm_modules("bert", "armv7")
+    bundle = _package_armv7(capsys, path, tmp_path / "bundle")
+    (got,), _ = _run_armv7_bundle(bundle, x, tmp_path)
+    assert_close(got, compiled_zoo("bert").run(*x), what="armv7 vs x86")
+    assert_close(got, run_torch(model, inputs), what="armv7 vs torch")
+
+
+@needs_armhf_cc
+def test_armv7_package_without_the_runtime_says_how(arm_modules, capsys, tmp_path, monkeypatch):
+    from compiler.package import armv7_unavailable_reason
+
+    _, path = arm_modules("tiny_cnn", "armv7")
+    lib = tmp_path / "armv7-lib"
+    monkeypatch.setenv("KILN_ARMV7_RUNTIME", str(lib))
+    code, _, err = _cli(capsys, "package", path, "--target", "armv7", "-o", tmp_path / "b")
+    assert code == 1 and "scripts/setup_armv7.sh" in err and err.count("\n") == 1
+    assert not (tmp_path / "b").exists()
+    # built from other wheels than the installed ones: rebuild
+    lib.mkdir()
+    for name in ("libtvm_runtime.so", "libtvm_ffi.so"):
+        (lib / name).write_bytes(b"")
+    (lib / "kiln-runtime.json").write_text('{"apache-tvm": "0.26.0", "apache-tvm-ffi": "0.1.14.post1"}')
+    reason = armv7_unavailable_reason()
+    assert reason and "apache-tvm 0.26.0" in reason and "setup_armv7.sh" in reason
+    with pytest.raises(TargetError, match="other TVM wheels"):
+        compiler.package.package(path, tmp_path / "b", target="armv7")

@@ -1,16 +1,18 @@
 // kiln_runner: run a Kiln module on a board with only libtvm_runtime.so and libtvm_ffi.so (no Python,
-// no compiler). Written by `kiln package`; build it with the target's cross compiler:
+// no compiler). Written by `kiln package`; build it with the target's cross compiler (for armv7:
+// arm-linux-gnueabihf-g++, against the runtime that scripts/setup_armv7.sh builds):
 //   aarch64-linux-gnu-g++ -std=c++17 -O2 -I<tvm_ffi/include> kiln_runner.cc -o kiln_runner \
 //     -Llib -Wl,--no-as-needed -ltvm_runtime -ltvm_ffi -Wl,-rpath,'$ORIGIN/lib'
 // Usage:  kiln_runner model.so model.inputs [INPUT.bin ...] [--repeat N]
 //   model.inputs: one line per input, "NAME DTYPE DIM0 DIM1 ..." (written by `kiln package`).
-//   INPUT.bin: raw little-endian data in input order (numpy: a.tofile("x.bin")); missing inputs are 1.0.
+//   INPUT.bin: raw little-endian data in input order (numpy: a.tofile("x.bin")); missing inputs are ones.
 // Writes output0.bin, output1.bin, ... in the current directory and prints each output's shape and sum.
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -26,6 +28,21 @@ struct CPUAlloc {  // 64-byte aligned host memory, as TVM kernels expect
   void AllocData(DLTensor* t) { t->data = std::aligned_alloc(64, (ffi::GetDataSize(*t) + 63) / 64 * 64); }
   void FreeData(DLTensor* t) { std::free(t->data); }
 };
+
+template <typename T>
+static void Fill(ffi::Tensor* t, T value) {
+  std::fill_n(static_cast<T*>(t->data_ptr()), t->numel(), value);
+}
+
+static void FillOnes(ffi::Tensor* t) {  // an input left out: ones of its dtype
+  DLDataType d = t->dtype();
+  if (d.code == kDLFloat && d.bits == 32) Fill<float>(t, 1.0f);
+  else if (d.code == kDLFloat && d.bits == 64) Fill<double>(t, 1.0);
+  else if (d.code == kDLInt && d.bits == 64) Fill<int64_t>(t, 1);
+  else if (d.code == kDLInt && d.bits == 32) Fill<int32_t>(t, 1);
+  else if ((d.code == kDLInt || d.code == kDLUInt || d.code == kDLBool) && d.bits == 8) Fill<int8_t>(t, 1);
+  else std::memset(t->data_ptr(), 0, ffi::GetDataSize(*t));  // other dtypes: zeros
+}
 
 static void Collect(const ffi::Any& v, std::vector<ffi::Tensor>* out) {  // outputs: a tensor or nested tuples
   if (auto t = v.as<ffi::Tensor>()) {
@@ -78,7 +95,7 @@ int main(int argc, char** argv) {
         return 1;
       }
     } else {
-      for (size_t j = 0; j < bytes / 4; ++j) static_cast<float*>(t.data_ptr())[j] = 1.0f;  // float32 ones
+      FillOnes(&t);
     }
     args.push_back(t);
   }
