@@ -1,10 +1,11 @@
 """``kiln``: the command line. It only parses arguments and calls the Python API.
 
     kiln compile MODEL --target x86 -o model.so [--input-shape name:1x3x224x224]
-    kiln run model.so [--inputs in.npz] [--outputs out.npz] [--emulate]
+    kiln run model.so [--inputs in.npz] [--outputs out.npz] [--emulate | --rpc HOST:PORT | --rpc-tracker HOST:PORT --rpc-key KEY]
     kiln package model.so --target rpi4 [-o bundle/]
     kiln info MODEL
-    kiln tune MODEL --target x86 [--trials N] [--time-budget 8h|30m|90s] [--log-dir DIR]
+    kiln tune MODEL --target x86 [--trials N] [--time-budget 8h|30m|90s] [--early-stopping N] [--log-dir DIR]
+              [--rpc-tracker HOST:PORT --rpc-key KEY]
     kiln logs list|merge|export|import ...
     kiln targets
 
@@ -38,6 +39,22 @@ def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
     return name, shape
 
 
+def _npz_arg(text: str) -> Path:
+    """An existing ``.npz`` file (checked at parse time)."""
+    path = Path(text)
+    if path.suffix != ".npz" or not path.is_file():
+        raise argparse.ArgumentTypeError(f"expected an existing .npz file (np.savez), got {text!r}")
+    return path
+
+
+def _address_arg(text: str) -> str:
+    """``HOST:PORT`` (checked at parse time)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, e.g. 127.0.0.1:9190, got {text!r}")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln", description="Kiln: compile trained models into fast deployable modules.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging; -v also shows tracebacks")
@@ -51,9 +68,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="output .so path (a directory for microcontroller targets: a C library)")
     c.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME:SHAPE",
                    help="fix an input's shape, e.g. input:1x3x224x224 (repeatable)")
-    c.add_argument("--tuning-logs", help="tuning-log directory to take tuned schedules from")
-    c.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
-                   help="fp16: FP16 compute with FP32 accumulation (NVIDIA GPU targets); default fp32")
+    logs = c.add_mutually_exclusive_group()
+    logs.add_argument("--tuning-logs", help="tuning-log directory to take tuned schedules from (default: Kiln's "
+                      "shipped records for the target, when it has some)")
+    logs.add_argument("--untuned", action="store_true", help="Kiln's default schedules only: ignore shipped records")
+    c.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"),
+                   help="fp16: FP16 compute with FP32 accumulation (NVIDIA GPU targets); int8: post-training "
+                   "quantization (CPU and microcontroller targets; needs --calibration); default fp32")
+    c.add_argument("--calibration", type=_npz_arg, metavar="CALIB.npz",
+                   help="int8 calibration inputs: one array per input name, N examples stacked on axis 0")
     c.add_argument("--summary", action="store_true", help="print the fused kernels after compiling")
 
     r = sub.add_parser("run", help="run a compiled module on inputs from an .npz file (or random inputs)")
@@ -61,9 +84,18 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--inputs", help=".npz with one array per input name (default: random inputs)")
     r.add_argument("--outputs", help="write the outputs to this .npz")
     r.add_argument("--benchmark", type=int, metavar="N", default=0, help="also time N runs and print latency")
-    r.add_argument("--emulate", action="store_true",
-                   help="run an aarch64 module on the emulated ARM device (QEMU; set up by scripts/setup_arm.sh), "
-                   "or a microcontroller library directory under qemu-system-arm (scripts/setup_mcu.sh)")
+    r.add_argument("--profile", action="store_true",
+                   help="also time every fused kernel (per-kernel table; microcontroller libraries under "
+                   "--emulate: instruction counts per kernel)")
+    where = r.add_mutually_exclusive_group()
+    where.add_argument("--emulate", action="store_true",
+                       help="run an aarch64 module on the emulated ARM device (QEMU; set up by scripts/setup_arm.sh), "
+                       "or a microcontroller library directory under qemu-system-arm (scripts/setup_mcu.sh)")
+    where.add_argument("--rpc", type=_address_arg, metavar="HOST:PORT",
+                       help="run on the device whose TVM RPC server listens at HOST:PORT (README: Remote devices)")
+    where.add_argument("--rpc-tracker", type=_address_arg, metavar="HOST:PORT",
+                       help="run on a free device under --rpc-key at this TVM RPC tracker")
+    r.add_argument("--rpc-key", metavar="KEY", help="device key at --rpc-tracker (e.g. rpi4)")
 
     i = sub.add_parser("info", help="operators, parameters and FLOPs per layer and in total")
     i.add_argument("model", help="ONNX file, .pt2 exported program, or zoo:NAME (`zoo:` lists the zoo)")
@@ -72,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
 
     tu = sub.add_parser("tune", help="search schedules for a model's kernels; records go to target-keyed logs",
                         description="Tune MODEL's kernels for a target. Stops at --trials (counting records "
-                        "already in the logs) or --time-budget, whichever comes first; rerun the same "
+                        "already in the logs), --time-budget or --early-stopping, whichever comes first; "
+                        "a live display on a terminal, one line per batch otherwise; rerun the same "
                         "command to resume. Then: kiln compile MODEL --tuning-logs DIR.")
     tu.add_argument("model", help="ONNX file, .pt2 exported program, or zoo:NAME")
     tu.add_argument("--target", "-t", default="x86", help="target name from `kiln targets` (default: x86, this machine)")
@@ -80,9 +113,15 @@ def _parser() -> argparse.ArgumentParser:
                     "the logs included (default: 32 per kernel when no --time-budget is given)")
     tu.add_argument("--time-budget", metavar="DURATION", help="wall-clock budget for this run: 8h, 30m, 90s, 1h30m")
     tu.add_argument("--log-dir", default="tuning_logs", help="tuning-log directory (default: tuning_logs)")
+    tu.add_argument("--early-stopping", type=int, metavar="N", help="stop when no kernel's best improved by more "
+                    "than 1%% for N trials after the warm-up (default: 64 with --time-budget, else off; 0: off)")
     tu.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME:SHAPE",
                     help="fix an input's shape, e.g. input:1x3x224x224 (repeatable)")
     tu.add_argument("--restart", action="store_true", help="set existing logs for this target aside and start over")
+    tu.add_argument("--rpc-tracker", type=_address_arg, metavar="HOST:PORT",
+                    help="measure candidates on the devices under --rpc-key at this TVM RPC tracker (how ARM "
+                    "targets are tuned; candidates are cross-compiled here)")
+    tu.add_argument("--rpc-key", metavar="KEY", help="device key at --rpc-tracker (e.g. rpi4)")
 
     lg = sub.add_parser("logs", help="list, merge, export and import tuning logs",
                         description="Tuning logs hold one database per target fingerprint. list: what a log "
@@ -95,6 +134,8 @@ def _parser() -> argparse.ArgumentParser:
     lm.add_argument("sources", nargs="+", metavar="SRC", help="tuning-log directories or per-target folders")
     lm.add_argument("--log-dir", required=True, help="destination tuning-log directory")
     lm.add_argument("--target", "-t", help="merge only this target's logs (sources holding several targets)")
+    lm.add_argument("--best-only", action="store_true",
+                    help="keep only each kernel's fastest record (to ship logs with a model, or in Kiln's tuning_logs/)")
     le = lsub.add_parser("export", help="write one target's logs to a .tar.gz")
     le.add_argument("--target", "-t", default="x86", help="target name (default: x86)")
     le.add_argument("--log-dir", default="tuning_logs", help="tuning-log directory (default: tuning_logs)")
@@ -121,8 +162,15 @@ def _cmd_compile(args) -> int:
     targets.get(args.target)  # an unknown target fails before any work
     print(f"compiling {args.model} for target {args.target} -> {args.output}", flush=True)
     t0 = time.perf_counter()
+    calibration = None
+    if args.calibration:
+        import numpy as np
+
+        with np.load(args.calibration) as data:
+            calibration = {k: data[k] for k in data.files}
     mod = compiler.compile(args.model, target=args.target, input_shapes=dict(args.input_shape) or None,
-                           tuning_logs=args.tuning_logs, precision=args.precision)
+                           tuning_logs=False if args.untuned else args.tuning_logs, precision=args.precision,
+                           calibration=calibration)
     path = mod.export(args.output)
     if path.is_dir():  # a microcontroller C library (compiler/mcu)
         files = ", ".join(sorted(p.name for p in path.iterdir()))
@@ -152,6 +200,14 @@ def _cmd_run(args) -> int:
         mod = emulator.load(args.module)
         print(f"running {args.module} (target {mod.meta['target']['name']}) on the emulated aarch64 device; "
               f"{emulator.TIMING_NOTE}", flush=True)
+    elif args.rpc or args.rpc_tracker:
+        from compiler import remote
+
+        mod = remote.load(args.module, rpc=args.rpc, tracker=args.rpc_tracker, key=args.rpc_key)
+        note = (f"; the device runs under emulation ({mod.device.emulated}): timings are for correctness "
+                "checks only, not a board's speed" if mod.emulated else "")
+        print(f"running {args.module} (target {mod.meta['target']['name']}) on the {mod.device.arch or 'remote'} "
+              f"device at {mod.where}{note}", flush=True)
     else:
         mod = compiler.load(args.module)
     if args.inputs:
@@ -173,8 +229,18 @@ def _cmd_run(args) -> int:
         np.savez(args.outputs, **{spec.name: o for spec, o in zip(mod.outputs, outs)})
         print(f"wrote {args.outputs}")
     if args.benchmark:
-        note = " under emulation (for correctness only, not a board's speed)" if args.emulate else ""
+        emulated = args.emulate or getattr(mod, "emulated", False)
+        note = " under emulation (for correctness only, not a board's speed)" if emulated else ""
         print(f"latency{note}: {mod.benchmark(repeat=args.benchmark)}")
+    if args.profile:
+        if not hasattr(mod, "profile"):
+            from compiler.errors import KilnError
+
+            raise KilnError("--profile times the kernels of modules that run on this machine (and of "
+                            "microcontroller libraries under --emulate); profile an ARM module on its board")
+        print(mod.profile(**named) if args.inputs else mod.profile(*arrays))
+    if hasattr(mod, "close"):  # a remote session: give the device back
+        mod.close()
     return 0
 
 
@@ -195,11 +261,13 @@ def _cmd_tune(args) -> int:
     import targets
 
     targets.get(args.target)  # an unknown target fails before any work
-    logging.getLogger("compiler.tuning").setLevel(logging.INFO)  # one progress line per round
-    print(f"tuning {args.model} for target {args.target}, logs in {args.log_dir}", flush=True)
+    logging.getLogger("compiler.tuning").setLevel(logging.INFO)  # one progress line per batch (no terminal)
+    remote = f", measured on the devices under key {args.rpc_key!r} at {args.rpc_tracker}" if args.rpc_tracker else ""
+    print(f"tuning {args.model} for target {args.target}, logs in {args.log_dir}{remote}", flush=True)
     report = compiler.tune(args.model, target=args.target, input_shapes=dict(args.input_shape) or None,
                            trials=args.trials, time_budget=args.time_budget, log_dir=args.log_dir,
-                           resume=not args.restart)
+                           resume=not args.restart, early_stopping=args.early_stopping,
+                           rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key)
     print(report)
     print(f"then: kiln compile {args.model} --target {args.target} --tuning-logs {args.log_dir} -o MODEL.so")
     return 0
@@ -217,7 +285,7 @@ def _cmd_logs(args) -> int:
             print(summary)
     elif args.logs_command == "merge":
         target = targets.get(args.target) if args.target else None
-        print(database.merge(args.sources, args.log_dir, target=target))
+        print(database.merge(args.sources, args.log_dir, target=target, best_only=args.best_only))
     elif args.logs_command == "export":
         out = database.export_logs(args.log_dir, targets.get(args.target), args.output)
         print(f"wrote {out} ({out.stat().st_size / 1e3:.1f} kB)")
@@ -258,7 +326,10 @@ _COMMANDS = {"compile": _cmd_compile, "run": _cmd_run, "info": _cmd_info, "tune"
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (tests call it in-process)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if bool(getattr(args, "rpc_tracker", None)) != bool(getattr(args, "rpc_key", None)):
+        parser.error("--rpc-tracker HOST:PORT and --rpc-key KEY go together (the key the devices registered with)")
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s")
     from compiler.errors import KilnError
 

@@ -45,8 +45,10 @@ from pathlib import Path
 
 from .errors import CompileError, IncompatibleModuleError, KilnError, TargetError
 
-#: Precisions ``compile(..., precision=...)`` accepts.
-PRECISIONS = ("fp32", "fp16")
+#: Precisions ``compile(..., precision=...)`` accepts (fp16: NVIDIA GPUs; int8: CPUs and microcontrollers).
+PRECISIONS = ("fp32", "fp16", "int8")
+#: Target families that build ``precision="int8"`` (post-training quantization, compiler/quantize.py).
+INT8_FAMILIES = ("mcu", "x86", "arm")
 
 NVCC_HINT = ("install the CUDA toolkit (`apt-get install nvidia-cuda-toolkit`, or NVIDIA's cuda-toolkit "
              "package) and put its bin/ on PATH, or set CUDA_HOME to the toolkit directory")
@@ -256,7 +258,14 @@ def check_precision(precision: str, target) -> None:
     if precision == "fp16" and target.family != "cuda":
         raise KilnError(
             f"precision 'fp16' is supported on NVIDIA GPU targets only for now, not on {target.name!r} "
-            f"({target.family}); use precision='fp32' (the default) there"
+            f"({target.family}); choices there: fp32 (the default)"
+            + (", int8" if target.family in INT8_FAMILIES else "")
+        )
+    if precision == "int8" and target.family not in INT8_FAMILIES:
+        valid = ["fp32"] + (["fp16"] if target.family == "cuda" else [])
+        raise KilnError(
+            f"precision 'int8' is supported on CPU and microcontroller targets only for now, not on {target.name!r} "
+            f"({target.family}); choices there: {', '.join(valid)}"
         )
     if precision == "fp16" and target.family == "cuda" and not target.has("fp16"):
         raise KilnError(f"target {target.name!r} does not list the fp16 feature; use precision='fp32'")
@@ -269,7 +278,7 @@ def mixed_precision(mod, precision: str):
     FP16; reductions that need range (softmax, layer norm, means) stay in FP32, as the pass decides
     per operator. Weights are cast once at compile time (folded). Inputs and outputs stay FP32 at
     the module boundary (cast inside)."""
-    if precision == "fp32":
+    if precision != "fp16":  # fp32 as is; int8 is compiler/quantize.py's job
         return mod
     import tvm
     from tvm import relax

@@ -12,6 +12,11 @@ script pays the start-up once::
     mod = emulator.load("model_arm.so")            # CompiledModule-like: .inputs, .run, .benchmark
     ys = emulator.run_many("model_arm.so", [(x1,), (x2,)])
 
+It can also act as a remote device: :func:`serve` (``python -m compiler.emulator serve --tracker HOST:PORT
+--key KEY``) runs TVM's stock RPC server on it, so ``kiln run --rpc`` / ``--rpc-tracker`` and
+``tune(..., rpc_tracker=)`` reach it exactly as they reach a board (``compiler.remote``). The server tells
+clients it is emulated (``kiln.device_info``), and they say so next to every timing.
+
 Timings under emulation measure QEMU, not a board: use the emulated device for correctness only.
 
 Paths can be overridden with ``KILN_ARM_ROOT``, ``KILN_ARM_SITE`` and ``KILN_QEMU_AARCH64``.
@@ -388,3 +393,188 @@ def run_many(module, batches: Sequence[Sequence]) -> list:
     """``run`` for each input tuple in ``batches``, in one emulator process."""
     with tempfile.TemporaryDirectory(prefix="kiln-emu-export-") as work:
         return load(_as_path(module, work)).run_many(batches)
+
+
+# ------------------------------------------------------------------------------ an RPC server on the device
+#: What Kiln's emulated RPC server reports as its emulation (``compiler.remote.DeviceInfo.emulated``).
+EMULATION = "qemu-aarch64 user mode"
+
+# Device side: TVM's stock RPC server (``tvm.rpc.Server``, what ``python -m tvm.exec.rpc_server`` runs),
+# plus one function, ``kiln.device_info``, through which a client learns that the device is emulated (a
+# process under QEMU user mode cannot tell). Sessions fork from the server process, so they have it too.
+_RPC_SERVER = r'''
+import json, sys
+from tvm import rpc  # ~10 s under emulation
+
+def _init():
+    import json, os, platform
+    import tvm_ffi
+    info = json.dumps({"arch": platform.machine(), "emulated": os.environ.get("KILN_EMULATED", "")})
+
+    def device_info():
+        return info
+
+    tvm_ffi.register_global_func("kiln.device_info", device_info, override=True)
+
+host, port, port_end, tracker, key = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+tracker_addr = None
+if tracker:
+    tracker_host, _, tracker_port = tracker.rpartition(":")
+    tracker_addr = (tracker_host, int(tracker_port))
+server = rpc.Server(host, port, port_end, tracker_addr=tracker_addr, key=key, server_init_callback=_init)
+print("KILN-RPC:" + json.dumps({"port": server.port}), flush=True)
+server.proc.join()
+'''
+
+# TVM's server starts its worker with ``sys.executable -m tvm.exec.popen_worker``; without binfmt_misc the
+# host cannot execute the aarch64 python3.11 directly. So ``sys.executable`` (set by this sitecustomize,
+# found first on the server's PYTHONPATH) points at a host script that runs it under QEMU.
+_SITECUSTOMIZE = '''import os, sys
+if os.environ.get("KILN_EMU_PYTHON"):
+    sys.executable = os.environ["KILN_EMU_PYTHON"]
+'''
+
+
+class RPCServer:
+    """A TVM RPC server running on the emulated aarch64 device (see :func:`serve`). ``port`` is where it
+    listens, ``log_path`` its log (one ``load_module`` line per module a client loaded); ``stop()`` ends
+    it and every process it started (also at exit, and on leaving a ``with`` block)."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, work: tempfile.TemporaryDirectory, log_path: Path,
+                 host: str, tracker: str | None, key: str):
+        self.proc, self.port, self._work, self.log_path = proc, port, work, log_path
+        self.host, self.tracker, self.key = host, tracker, key
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)  # its own process group: qemu, python, workers
+                self.proc.wait(timeout=10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait()
+        if self._work is not None:
+            self._work.cleanup()
+            self._work = None
+
+    def __enter__(self) -> "RPCServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        reg = f", key {self.key!r} at tracker {self.tracker}" if self.tracker else ""
+        return f"<emulated aarch64 RPC server {self.address}{reg}>"
+
+
+def serve(*, tracker: str | None = None, key: str = "", host: str = "127.0.0.1", port: int = 9090,
+          port_end: int | None = None, device: Device | None = None, timeout: float = 180) -> RPCServer:
+    """Start TVM's RPC server on the emulated aarch64 device and return once it listens (about 20 s:
+    ``import tvm`` twice under emulation). With ``tracker`` (``host:port``) it registers there under
+    ``key``; without, clients connect to it directly (``kiln run m.so --rpc HOST:PORT``). It binds the
+    first free port in ``[port, port_end)`` (default ``port + 100``). Timings measured on it are for
+    correctness only."""
+    import shlex
+    import signal
+
+    device = device or find()
+    port_end = port_end if port_end is not None and port_end > port else port + 100
+    if tracker and not key:
+        raise EmulatorError("an RPC server registering with a tracker needs a key (--key KEY)")
+    work = tempfile.TemporaryDirectory(prefix="kiln-emu-rpc-")
+    wdir = Path(work.name)
+    (wdir / "kiln_rpc_server.py").write_text(_RPC_SERVER)
+    (wdir / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    wrapper = wdir / "python3"
+    wrapper.write_text("#!/bin/sh\nexec " + " ".join(shlex.quote(a) for a in device.command()) + ' "$@"\n')
+    wrapper.chmod(0o755)
+    env = device.env()
+    env.update(PYTHONPATH=f"{wdir}{os.pathsep}{device.site}", KILN_EMU_PYTHON=str(wrapper), KILN_EMULATED=EMULATION)
+    log_path = wdir / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            device.command(str(wdir / "kiln_rpc_server.py"), host, str(port), str(port_end), tracker or "", key),
+            env=env, cwd=work.name, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True,
+            start_new_session=True,
+        )
+    server = RPCServer(proc, port, work, log_path, host, tracker, key)
+    atexit.register(server.stop)
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline() if ready else ""
+    if not line.startswith("KILN-RPC:"):
+        tail = server.log()[-2000:]
+        exited = proc.poll() is not None
+        if not exited:
+            os.killpg(proc.pid, signal.SIGKILL)
+        server.stop()
+        why = "exited" if exited else f"did not start within {timeout:g} s"
+        raise EmulatorError(f"the RPC server on the emulated device {why}:\n{tail}")
+    server.port = json.loads(line[len("KILN-RPC:"):])["port"]
+    # keep draining stdout into the log so the server never blocks on a full pipe
+    threading.Thread(target=_drain, args=(proc.stdout, log_path), daemon=True).start()
+    return server
+
+
+def _drain(stream, path: Path) -> None:
+    try:
+        with open(path, "a") as log:
+            for line in stream:
+                log.write(line)
+                log.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m compiler.emulator serve [--tracker HOST:PORT --key KEY] [--host H] [--port P]``."""
+    import argparse
+    import time
+
+    p = argparse.ArgumentParser(prog="python -m compiler.emulator",
+                                description="The emulated aarch64 device (set up by scripts/setup_arm.sh).")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run TVM's RPC server on the emulated device until interrupted")
+    s.add_argument("--tracker", help="register with this RPC tracker (HOST:PORT)")
+    s.add_argument("--key", default="", help="device key to register under (needed with --tracker)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=9090, help="first port to try (default 9090)")
+    s.add_argument("--port-end", type=int, help="end of the port range to try (default: --port + 100)")
+    args = p.parse_args(argv)
+    try:
+        server = serve(tracker=args.tracker, key=args.key, host=args.host, port=args.port, port_end=args.port_end)
+    except KilnError as err:
+        print(f"error: {err}")
+        return 1
+    where = f", registered under key {args.key!r} at {args.tracker}" if args.tracker else ""
+    print(f"emulated aarch64 RPC server listening on {server.address}{where}; {TIMING_NOTE}. Ctrl-C stops it.",
+          flush=True)
+    try:
+        while server.alive:
+            time.sleep(1)
+        print(f"the server exited:\n{server.log()[-2000:]}")
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -65,6 +65,11 @@ class TuningError(KilnError):
     """Tuning could not run or its logs are unusable."""
 
 
+class RemoteError(KilnError):
+    """An RPC tracker or server is unreachable, has no (free) device for a key, or cannot run a module
+    (``compiler.remote``)."""
+
+
 def suggest(name: str, choices: Iterable[str]) -> str:
     """A ' Did you mean X?' hint for ``name`` among ``choices`` (empty when nothing is close)."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.4)

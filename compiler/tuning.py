@@ -19,14 +19,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import progress as progress_mod
 from .errors import TargetError, TuningError
 
 log = logging.getLogger(__name__)
 
 #: Trials per task when neither ``trials`` nor ``time_budget`` is given.
 DEFAULT_TRIALS_PER_TASK = 32
-#: Trials one task gets per round (one MetaSchedule batch: evolutionary search, build, measure).
+#: Trials of one batch (one MetaSchedule call on one task: evolutionary search, build, measure).
 ROUND_TRIALS = 8
+#: With a ``trials`` budget, no task gets more than this share of it (nor less than an even split).
+MAX_SHARE = 0.5
+#: Task scheduler (Ansor's / MetaSchedule's gradient scheduler): weight of the measured improvement
+#: rate against the optimistic term, and how many batches back the improvement rate looks.
+GRADIENT_ALPHA, GRADIENT_WINDOW = 0.2, 3
+#: Early stopping: trials without gain (after the warm-up) that end a run, by default in runs with a
+#: ``time_budget``; a batch gains when it lowers its task's best latency by more than this fraction.
+EARLY_STOPPING_TRIALS, EARLY_STOPPING_MIN_GAIN = 64, 0.01
 #: Before any batch has been timed: seconds a batch is assumed to take on top of its trials
 #: (search, worker start-up) and seconds per trial.
 _GUESS_OVERHEAD_S, _GUESS_PER_TRIAL_S = 20.0, 4.0
@@ -62,14 +71,17 @@ class TuningReport:
     ``target``/``fingerprint``: the target and the key of its logs; ``log_dir``: the folder holding
     this target's database (``<log_dir>/<fingerprint>``); ``tasks``: one :class:`TaskReport` each;
     ``total_trials``: trials in the log for this model's tasks; ``new_trials``: measured by this
-    run; ``elapsed_s``: wall time of the run; ``rounds``: rounds run; ``stopped_by``: ``"trials"``
-    (every task reached its share of ``trials``) or ``"time"`` (the next batch would not fit in
-    ``time_budget``); ``estimated_ms``: estimated end-to-end kernel time, the sum over tasks of
-    weight x best record's latency (the schedule compile applies; tasks without a record count at
-    their default latency; None if neither is known for some task); ``default_estimated_ms``: the
+    run; ``elapsed_s``: wall time of the run; ``rounds``: batches run (one task's trials each);
+    ``stopped_by``: ``"trials"`` (the model's tasks hold ``trials`` trials, or every task its max
+    share), ``"time"`` (the next batch would not fit in ``time_budget``) or ``"early-stopping"`` (no
+    batch gained for ``early_stopping`` trials after the warm-up); ``estimated_ms``: estimated
+    end-to-end kernel time, the sum over tasks of weight x best record's latency (the schedule compile
+    applies; tasks without a record count at their default latency; None if neither is known for some
+    task); ``default_estimated_ms``: the
     same sum with default latencies, measured the same way. ``cost_model``: ``"warm"`` when the
     search started from the cost model saved with the logs, ``"cold"`` when it started from scratch,
-    ``None`` when no search ran.
+    ``None`` when no search ran. ``progress_file``: the JSON-lines trajectory of this model's runs
+    (one entry per batch: trials, estimated end-to-end ms; see :func:`progress_path`).
     """
 
     model: str
@@ -86,6 +98,7 @@ class TuningReport:
     default_estimated_ms: float | None
     repairs: tuple[str, ...] = field(default=())
     cost_model: str | None = None
+    progress_file: Path | None = None
 
     def __str__(self) -> str:
         lines = [f"tuned {self.model} for {self.target} ({self.fingerprint}): {self.new_trials} new trials, "
@@ -132,19 +145,98 @@ def parse_duration(text) -> float:
     return seconds
 
 
-def _shares(total: int, tasks, priority) -> list[int]:
-    """Split ``total`` trials over tasks: equal shares, the remainder to the highest ``priority``."""
-    n = len(tasks)
-    base, extra = divmod(total, n)
-    order = sorted(range(n), key=lambda i: -priority[i])
-    shares = [base] * n
-    for i in order[:extra]:
-        shares[i] += 1
-    return shares
+@dataclass
+class TaskState:
+    """What the task scheduler knows of one task: ``weight`` (calls per inference), ``trials`` in the
+    log, ``history`` of its best latency (ms) at the start of this run and after each of its batches
+    since, ``cap`` on its trials (its max share of the budget), ``warm`` once it has had its first batch
+    (in this run, or a full one in an earlier run)."""
+
+    weight: float
+    trials: int
+    history: list[float]
+    cap: float = math.inf
+    warm: bool = False
+
+    @property
+    def best(self) -> float:
+        return self.history[-1]
+
+
+def gain(state: TaskState, alpha: float = GRADIENT_ALPHA, window: int = GRADIENT_WINDOW) -> float:
+    """Estimated end-to-end gain (ms per batch) of one more batch on a task, as in Ansor's gradient
+    task scheduler: ``weight x (alpha x backward + (1 - alpha) x forward)`` where ``backward`` is the
+    improvement of the task's best per batch over its last ``window`` batches (measured) and
+    ``forward = best / batches`` is the optimistic term (large for tasks with few trials, shrinking
+    as a task accumulates them)."""
+    hist = state.history
+    k = min(window, len(hist) - 1)
+    backward = (hist[-1 - k] - hist[-1]) / k if k > 0 else 0.0
+    forward = hist[-1] / max(state.trials / ROUND_TRIALS, 1.0)
+    return state.weight * (alpha * max(backward, 0.0) + (1.0 - alpha) * forward)
+
+
+def next_batch(states, remaining: float) -> tuple[int, int] | None:
+    """The scheduler's choice: ``(task index, trials)`` for the next batch, or None when no task may
+    take more (every task at its cap, or no trials ``remaining``).
+
+    Warm-up first: every task that has not had a batch yet gets one, the heaviest (weight x latency)
+    first, topped up to :data:`ROUND_TRIALS` trials (an even split of what remains when that is
+    less). Then the task of largest :func:`gain`. Ties go to the lower index: deterministic."""
+    open_ = [i for i, s in enumerate(states) if s.trials < s.cap]
+    if not open_ or remaining < 1:
+        return None
+    cold = [i for i in open_ if not states[i].warm]
+    if cold:
+        i = max(cold, key=lambda i: (states[i].weight * states[i].best, -i))
+        n = min(max(ROUND_TRIALS - states[i].trials, 1), max(remaining // len(cold), 1))
+    else:
+        i = max(open_, key=lambda i: (gain(states[i]), -i))
+        n = ROUND_TRIALS
+    return i, int(min(n, remaining, states[i].cap - states[i].trials))
+
+
+def progress_path(work: Path, model: str) -> Path:
+    """Where ``tune`` appends the trajectory of ``model``'s runs: ``<work>/progress/<model>.jsonl``."""
+    import re
+
+    return Path(work) / "progress" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", model).strip("_") + ".jsonl")
+
+
+def _append_jsonl(path: Path, entry: dict) -> None:
+    """Append one JSON line with a single ``write`` on an ``O_APPEND`` descriptor (concurrent
+    appends never interleave; a kill mid-write tears at most this line, which readers skip)."""
+    import json
+    import os
+
+    data = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def read_progress(path) -> list[dict]:
+    """The entries of a progress file (lines that do not parse, such as a torn last line, skipped)."""
+    import json
+
+    out = []
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return out
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
 
 
 def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=None, time_budget=None,
-         log_dir="tuning_logs", resume=True) -> TuningReport:
+         log_dir="tuning_logs", resume=True, early_stopping=None, progress=None, rpc_tracker=None,
+         rpc_key=None) -> TuningReport:
     """See :func:`compiler.tune`."""
     import tvm_ffi
 
@@ -157,13 +249,24 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
 
     t_start = time.perf_counter()
     desc = resolve_target(target)
-    if not buildable(desc) or desc.is_cross:
-        raise TargetError(f"target {desc.name!r} ({desc.family}) cannot be tuned by this Kiln yet (its kernels "
-                          "must be measured on the device); the x86 targets can")
+    if rpc_tracker is not None:  # measured on the devices under rpc_key (compiler.remote): checked now
+        from . import remote
+
+        remote.check_tuning_devices(rpc_tracker, rpc_key, desc)
+    elif not buildable(desc) or desc.is_cross:
+        raise TargetError(f"target {desc.name!r} ({desc.family}) cannot be tuned on this machine: its kernels "
+                          "must be measured on the device. The x86 targets tune here; ARM targets through an RPC "
+                          "tracker with devices registered under a key (--rpc-tracker HOST:PORT --rpc-key KEY; "
+                          "README, Remote devices)")
     if trials is not None and (not isinstance(trials, int) or isinstance(trials, bool) or trials < 1):
         raise TuningError(f"trials must be a positive integer, got {trials!r}")
     budget_s = parse_duration(time_budget) if time_budget is not None else None
     deadline = t_start + budget_s if budget_s is not None else math.inf
+    if early_stopping is None or early_stopping is True:
+        early_stopping = EARLY_STOPPING_TRIALS if budget_s is not None or early_stopping else 0
+    early_stopping = 0 if early_stopping is False else early_stopping
+    if not isinstance(early_stopping, int) or early_stopping < 0:
+        raise TuningError(f"early_stopping must be a number of trials >= 0 (0: off), got {early_stopping!r}")
 
     imported = import_model(model, example_inputs=example_inputs, input_shapes=input_shapes)
     name = str(model) if isinstance(model, (str, Path)) else imported.source
@@ -190,7 +293,8 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
     def start_searcher():
         nonlocal searcher
         if searcher is None:
-            searcher = search.Searcher(tvm_target, desc.cores, str(logs.work), cost_model=cost_model_path)
+            parts = {} if rpc_tracker is None else remote.tuning_parts(rpc_tracker, rpc_key, desc)
+            searcher = search.Searcher(tvm_target, desc.cores, str(logs.work), cost_model=cost_model_path, **parts)
         return searcher
 
     # Kiln's default schedule of every task not seen before becomes a record of it (see module doc).
@@ -212,10 +316,9 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
     counts0 = logs.record_counts()
     done = [counts0.get(k, 0) for k in keys]
     start_done = list(done)
-    flops_priority = [t.weight * (d or 0.0) for t, d in zip(tasks, defaults)]
     if trials is None and budget_s is None:
         trials = DEFAULT_TRIALS_PER_TASK * len(tasks)
-    caps = _shares(trials, tasks, flops_priority) if trials is not None else [math.inf] * len(tasks)
+    cap = max(math.ceil(MAX_SHARE * trials), math.ceil(trials / len(tasks))) if trials is not None else math.inf
 
     def best_ms(i: int) -> float | None:
         if not db.has_workload(tasks[i].mod):
@@ -256,59 +359,101 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
     ms_level = ms_logger.level
     ms_logger.setLevel(logging.WARNING)
 
-    log.info("tuning %s for %s: %d tasks, logs in %s, %s%s", name, desc.name, len(tasks), logs.work,
+    log.info("tuning %s for %s: %d tasks, logs in %s, %s%s%s", name, desc.name, len(tasks), logs.work,
              f"{trials} trials" if trials is not None else "no trial limit",
-             f", time budget {_hms(budget_s)}" if budget_s else "")
+             f", time budget {_hms(budget_s)}" if budget_s else "",
+             f", early stopping after {early_stopping} trials without gain" if early_stopping else "")
     per_trial: list[float] = []  # seconds per trial of each batch but the first (which starts the workers)
+    batches = 0
 
     def predict(n: int) -> float:
         if not per_trial:
-            return (_GUESS_OVERHEAD_S if rounds == 0 and not ran else 0.0) + n * _GUESS_PER_TRIAL_S
+            return (_GUESS_OVERHEAD_S if batches == 0 else 0.0) + n * _GUESS_PER_TRIAL_S
         recent = sorted(per_trial[-8:])
         return n * recent[len(recent) // 2]
 
-    rounds = 0
+    def latency(i: int) -> float:  # for the scheduler: best, else default, else the slowest known
+        known_ms = [v for v in best + defaults if v is not None]
+        return best[i] if best[i] is not None else defaults[i] if defaults[i] is not None else max(known_ms or [1.0])
+
+    states = [TaskState(t.weight, done[i], [latency(i)], cap, warm=done[i] >= ROUND_TRIALS)
+              for i, t in enumerate(tasks)]
+    default_est = estimate(defaults)
+    trajectory = progress_path(logs.work, name)
+    trajectory.parent.mkdir(exist_ok=True)
+    run_id = time.strftime("%Y%m%dT%H%M%S")
+
+    def snapshot(task: int | None, n: int) -> progress_mod.Snapshot:
+        now = time.perf_counter()
+        left = (deadline - now) if deadline != math.inf else None
+        if trials is not None:
+            by_trials = (trials - sum(done)) * (sorted(per_trial)[len(per_trial) // 2] if per_trial
+                                                else _GUESS_PER_TRIAL_S)
+            left = by_trials if left is None else min(left, by_trials)
+        return progress_mod.Snapshot(
+            model=name, target=desc.name, trials=sum(done), trials_total=trials, new_trials=sum(done) - sum(start_done),
+            elapsed_s=now - t_start, remaining_s=None if left is None else max(left, 0.0),
+            estimated_ms=current_estimate(), default_ms=default_est, batches=batches,
+            last_task=None if task is None else tasks[task].name, last_trials=n,
+            since_gain=since_gain if early_stopping and all(s.warm for s in states) else None,
+            patience=early_stopping or None,
+            tasks=tuple(progress_mod.TaskRow(t.name, t.weight, done[i], best[i], defaults[i])
+                        for i, t in enumerate(tasks)))
+
+    def record(snap: progress_mod.Snapshot) -> None:
+        _append_jsonl(trajectory, {"run": run_id, "time": round(time.time(), 3), "elapsed_s": round(snap.elapsed_s, 3),
+                                   "trials": snap.trials, "new_trials": snap.new_trials, "batch": batches,
+                                   "task": snap.last_task, "batch_trials": snap.last_trials,
+                                   "estimated_ms": snap.estimated_ms, "default_ms": default_est})
+
     stopped_by = "trials"
+    since_gain = 0  # trials since a batch last lowered its task's best by more than EARLY_STOPPING_MIN_GAIN
+    display = progress_mod.open_display(progress)
 
     def ran_any() -> bool:
         return sum(done) > sum(start_done)
     try:
+        record(snapshot(None, 0))
         while True:
-            # This round: every task still under its cap gets a batch, the ones that weigh most on
-            # the end-to-end latency (weight x current best) first.
-            order = sorted((i for i in range(len(tasks)) if done[i] < caps[i]),
-                           key=lambda i: -(tasks[i].weight * (best[i] or defaults[i] or math.inf)))
-            if not order:
+            remaining = (trials - sum(done)) if trials is not None else math.inf
+            pick = next_batch(states, remaining)
+            if pick is None:
                 break
-            ran = 0
-            for i in order:
-                n = int(min(ROUND_TRIALS, caps[i] - done[i]))
-                now = time.perf_counter()
-                if now + predict(n) > deadline:
-                    stopped_by = "time"
-                    break
-                start_searcher()
-                before = len(db)
-                searcher.run(tasks[i], n, db, seed=rounds * 7919 + done[i])
-                took = time.perf_counter() - now
-                measured = len(db) - before
-                done[i] += measured if measured > 0 else n  # a batch that measured nothing still used its share
-                best[i] = best_ms(i)
-                if rounds or ran:
-                    per_trial.append(took / max(n, 1))
-                ran += 1
-            if ran:
-                rounds += 1
-                _progress(rounds, tasks, done, start_done, caps, best, defaults, t_start, deadline, current_estimate())
-            if stopped_by == "time":
+            i, n = pick
+            now = time.perf_counter()
+            if now + predict(n) > deadline:
+                stopped_by = "time"
+                break
+            start_searcher()
+            before = len(db)
+            warming = not all(s.warm for s in states)
+            previous = states[i].best
+            searcher.run(tasks[i], n, db, seed=batches * 7919 + done[i])
+            took = time.perf_counter() - now
+            measured = len(db) - before
+            done[i] += measured if measured > 0 else n  # a batch that measured nothing still used its share
+            best[i] = best_ms(i)
+            if batches:
+                per_trial.append(took / max(n, 1))
+            batches += 1
+            states[i].trials, states[i].warm = done[i], True
+            states[i].history.append(latency(i))
+            improved = states[i].best < previous * (1.0 - EARLY_STOPPING_MIN_GAIN)
+            since_gain = 0 if improved or warming else since_gain + n  # patience counts from the warm-up's end
+            snap = snapshot(i, n)
+            record(snap)
+            display.update(snap)
+            if early_stopping and all(s.warm for s in states) and since_gain >= early_stopping:
+                stopped_by = "early-stopping"
                 break
     except KeyboardInterrupt:
         log.warning("tuning interrupted after %d new trials: every finished trial is saved in %s; run the same "
                     "command again to resume", sum(done) - sum(start_done), logs.work)
         raise
     finally:
+        display.close()
         if searcher is not None:
-            if rounds or ran_any():
+            if ran_any():
                 searcher.save_cost_model(cost_model_path)
             searcher.close()
         task_logger.removeHandler(handler)
@@ -324,23 +469,14 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
     report = TuningReport(
         model=name, target=desc.name, fingerprint=desc.fingerprint(), log_dir=logs.work, tasks=reports,
         total_trials=sum(r.trials for r in reports), new_trials=sum(r.new_trials for r in reports),
-        elapsed_s=time.perf_counter() - t_start, rounds=rounds, stopped_by=stopped_by,
+        elapsed_s=time.perf_counter() - t_start, rounds=batches, stopped_by=stopped_by,
         estimated_ms=current_estimate(), default_estimated_ms=estimate(defaults), repairs=tuple(logs.repairs),
-        cost_model=(None if searcher is None or not (rounds or ran_any())
+        cost_model=(None if searcher is None or not ran_any()
                     else "warm" if searcher.warm_started else "cold"),
+        progress_file=trajectory,
     )
     log.info("done: %d new trials (%d in the log) in %s, stopped by %s%s", report.new_trials, report.total_trials,
              _hms(report.elapsed_s), stopped_by,
              f", est. {report.estimated_ms:.3f} ms" if report.estimated_ms is not None else "")
     return report
 
-
-def _progress(rounds, tasks, done, start_done, caps, best, defaults, t_start, deadline, est) -> None:
-    elapsed = time.perf_counter() - t_start
-    total_cap = sum(caps)
-    trials = f"{sum(done)}/{total_cap}" if total_cap != math.inf else f"{sum(done)}"
-    remaining = f", {_hms(max(0.0, deadline - time.perf_counter()))} left" if deadline != math.inf else ""
-    per_task = ", ".join(f"{t.name} {_ms(b)}" for t, b in zip(tasks, best))
-    est_text = f", est. {est:.3f} ms" if est is not None else ""
-    log.info("round %d: %s trials (%d new), %s elapsed%s%s | best ms: %s", rounds, trials,
-             sum(done) - sum(start_done), _hms(elapsed), remaining, est_text, per_task)

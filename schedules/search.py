@@ -1,14 +1,15 @@
-"""Schedule search: MetaSchedule tasks, builder, runner and one tuning round, as Kiln uses them.
+"""Schedule search: MetaSchedule tasks, builder, runner and one tuning batch, as Kiln uses them.
 
-``compiler.tuning`` drives the search in rounds; this module holds the MetaSchedule-specific parts:
+``compiler.tuning`` drives the search in batches (its task scheduler picks each batch's task); this
+module holds the MetaSchedule-specific parts:
 
 * :func:`extract_tasks` — one :class:`Task` per fused TIR kernel of the module that
   ``compiler.pipeline.fuse`` returns (the module compile schedules), keyed exactly as
   ``MetaScheduleApplyDatabase`` looks records up (the PrimFunc as the ``main`` of an IRModule).
 * :class:`Searcher` — the builder, runner and XGBoost cost model of one tuning run, kept across
-  rounds: the builder's worker processes are started once (MetaSchedule's ``LocalBuilder`` starts
+  batches: the builder's worker processes are started once (MetaSchedule's ``LocalBuilder`` starts
   fresh ones for every batch, and each spends tens of seconds importing ``tvm.s_tir.tensor_intrin``
-  on this machine), and the cost model keeps learning from one round to the next (and from one run
+  on this machine), and the cost model keeps learning from one batch to the next (and from one run
   to the next: :meth:`Searcher.save_cost_model` / the ``cost_model`` argument).
 * :func:`default_schedule` and :meth:`Searcher.measure_defaults` — Kiln's default schedule of a
   task as a MetaSchedule trace, measured by the same runner as the candidates, so that it can be
@@ -37,6 +38,16 @@ BUILD_TIMEOUT_S = 60.0
 RUN_TIMEOUT_S = 60.0
 #: A builder worker is replaced after this many builds (TVM's pool workers leak memory).
 BUILDER_WORKER_USES = 64
+#: Evolutionary search population per batch: 32 candidates per trial (Ansor's ratio: 2048 for 64
+#: measurements), at least 64, at most MetaSchedule's 512 (its default, sized for batches of 64). Every
+#: batch samples and evolves a whole population, about 12 s for 512 on this 2-core machine whatever the
+#: batch size: with 512 it took three quarters of a batch of 8 trials.
+POPULATION, POPULATION_PER_TRIAL, MIN_POPULATION = 512, 32, 64
+
+
+def population_size(trials: int) -> int:
+    """The evolutionary search population for a batch of ``trials`` candidates."""
+    return max(MIN_POPULATION, min(POPULATION, POPULATION_PER_TRIAL * trials))
 
 
 @dataclass
@@ -92,24 +103,38 @@ def extract_tasks(fused: tvm.IRModule, target) -> list[Task]:
 
 
 # -- builder --------------------------------------------------------------------------------------
-def _import_tvm() -> None:  # worker initializer: pay TVM's import before the first timed build
-    import tvm  # noqa: F401
+def _import_tvm() -> None:
+    """Build-worker initializer: pay TVM's import before the first timed build, and install Kiln's
+    lowerings (``schedules.install_hooks``) so candidates are built as ``compile`` builds them."""
+    import schedules
+
+    schedules.install_hooks()
 
 
-def _build_worker(mod, target, params):
+def _noop() -> None:  # PersistentBuilder.warm_up's job: only the worker's start-up matters
+    return None
+
+
+def _build_worker(mod, target, params, link=None):
     """Compile one candidate and export it as a tar (MetaSchedule's default build, without importing
-    ``tvm.s_tir.tensor_intrin``: tensorised candidates arrive with the intrinsics already inlined)."""
+    ``tvm.s_tir.tensor_intrin``: tensorised candidates arrive with the intrinsics already inlined).
+
+    ``link``: None exports a tar of objects (the local runner links it); a compiler name links a
+    shared library here instead, what an RPC device loads as is (boards have no compiler): ``""``
+    the host's, ``"aarch64-linux-gnu-g++"`` a cross compiler (``TargetDescription.cross_compiler``)."""
     import os
     import tempfile
 
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+    from tvm.support import cc
     from tvm.support.tar import tar
 
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
     rt_mod = tvm_build(mod, target=target)
-    path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod." + tar.output_format)
-    rt_mod.export_library(path, fcompile=tar)
+    fcompile = tar if link is None else cc.cross_compiler(link, options=[]) if link else cc.create_shared
+    path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod." + ("so" if link is not None else tar.output_format))
+    rt_mod.export_library(path, fcompile=fcompile)
     return path
 
 
@@ -118,10 +143,11 @@ class PersistentBuilder(ms.builder.PyBuilder):
     """A local builder whose worker processes live for the whole tuning run (recycled every
     :data:`BUILDER_WORKER_USES` builds), instead of MetaSchedule's fresh pool per batch."""
 
-    def __init__(self, max_workers: int, timeout_sec: float = BUILD_TIMEOUT_S):
+    def __init__(self, max_workers: int, timeout_sec: float = BUILD_TIMEOUT_S, link: str | None = None):
         super().__init__()
         self.max_workers = max_workers
         self.timeout_sec = timeout_sec
+        self.link = link  # see _build_worker: None = tar for the local runner, else a .so linked here
         self._pool = None
 
     def _get_pool(self):
@@ -133,13 +159,20 @@ class PersistentBuilder(ms.builder.PyBuilder):
                                            maximum_process_uses=BUILDER_WORKER_USES)
         return self._pool
 
+    def warm_up(self) -> None:
+        """Start the worker processes now, without waiting for them: their start-up (importing TVM and
+        Kiln's lowerings, 10-30 s on this machine) then overlaps the caller's work (measuring the default
+        schedules, the first batch's search) instead of delaying the first build."""
+        pool = self._get_pool()
+        self._warming = [pool.submit(_noop) for _ in range(self.max_workers)]
+
     def build(self, build_inputs):
         from tvm.support.popen_pool import StatusKind
 
         pool = self._get_pool()
         results = []
         for res in pool.map_with_error_catching(
-            lambda x: _build_worker(*x), [(b.mod, b.target, None) for b in build_inputs]
+            lambda x: _build_worker(*x), [(b.mod, b.target, None, self.link) for b in build_inputs]
         ):
             if res.status == StatusKind.COMPLETE:
                 results.append(ms.builder.BuilderResult(res.value, None))
@@ -197,19 +230,26 @@ class DefaultMeasurement:
 
 # -- the search -----------------------------------------------------------------------------------
 class Searcher:
-    """Builder, runner and cost model shared by every round of one tuning run.
+    """Builder, runner and cost model shared by every batch of one tuning run.
 
     ``run(task, trials, database, seed)`` spends ``trials`` measured trials on one task: MetaSchedule's
     evolutionary search, seeded from the best records of ``database`` for that task, guided by the
     XGBoost cost model, each measured candidate appended to ``database``.
+
+    ``builder``/``runner``: MetaSchedule builder and runner to use instead of the defaults (a
+    :class:`PersistentBuilder` and ``LocalRunner``); tuning through RPC passes a builder that links
+    ``.so`` files (``PersistentBuilder(link=...)``) and ``compiler.remote``'s ``RPCRunner``.
     """
 
-    def __init__(self, target, num_threads: int, log_dir: str, cost_model: str | None = None):
+    def __init__(self, target, num_threads: int, log_dir: str, cost_model: str | None = None,
+                 builder=None, runner=None):
         self.target = target
         self.num_threads = max(1, num_threads)
         self.log_dir = log_dir
-        self.builder = PersistentBuilder(max_workers=self.num_threads)
-        self.runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)
+        self.builder = builder if builder is not None else PersistentBuilder(max_workers=self.num_threads)
+        if builder is None:
+            self.builder.warm_up()
+        self.runner = runner if runner is not None else ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)
         self.cost_model = ms.cost_model.XGBModel(num_tuning_cores=self.num_threads, tree_method="auto")
         #: True when the cost model was warm-started from a saved one.
         self.warm_started = False
@@ -265,7 +305,7 @@ class Searcher:
                     schs.append(None)
                     results.append("no default rule applies")
                     continue
-                artifact = _build_worker(sch.mod, self.target, None)
+                artifact = _build_worker(sch.mod, self.target, None, getattr(self.builder, "link", None))
                 args_info = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
                 schs.append((sch, args_info))
                 results.append(ms.runner.RunnerInput(artifact, _device_type(self.target), args_info))
@@ -296,7 +336,8 @@ class Searcher:
             mod=task.mod,
             target=self.target,
             space_generator="post-order-apply",
-            search_strategy="evolutionary",
+            search_strategy=ms.search_strategy.EvolutionarySearch(
+                population_size=population_size(trials), init_min_unmeasured=min(50, population_size(trials) // 2)),
             task_name=task.name,
             logger=logging.getLogger(f"kiln.tuning.task.{task.name}"),
             rand_state=zlib.crc32(f"{task.name}:{seed}".encode()) & 0x7FFFFFFF,

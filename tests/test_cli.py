@@ -111,6 +111,16 @@ def test_run_random_inputs_prints_shapes(cli_module, capsys):
     assert "latency: median" in out and "(3 runs)" in out
 
 
+def test_run_profile_prints_kernel_table(cli_module, capsys, tmp_path):
+    _, _, so = cli_module
+    code, out, err = kiln(capsys, "run", so, "--profile")
+    assert code == 0, err
+    assert "Profile of" in out and "GFLOP/s" in out and "fused_conv2d" in out and "VM built-ins" in out
+    np.savez(tmp_path / "in.npz", x=np.ones((1, 3, 32, 32), np.float32))
+    code, out, err = kiln(capsys, "run", so, "--inputs", tmp_path / "in.npz", "--profile")
+    assert code == 0 and "fused_conv2d" in out, err
+
+
 def test_run_wrong_input_shape_fails_cleanly(cli_module, capsys, tmp_path):
     _, _, so = cli_module
     np.savez(tmp_path / "bad.npz", x=np.zeros((1, 3, 31, 32), np.float32))

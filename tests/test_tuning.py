@@ -542,3 +542,130 @@ def test_tiny_cnn_tuned_convolutions_never_slower_than_defaults(tmp_path):
     with_logs = compiler.compile("zoo:tiny_cnn", "x86", tuning_logs=tmp_path / "logs").benchmark(repeat=200)
     without = compiler.compile("zoo:tiny_cnn", "x86").benchmark(repeat=200)
     assert with_logs.median_ms <= 1.3 * without.median_ms + 0.02, (with_logs, without)
+
+
+# ---------------------------------------------------------------- task scheduler, early stopping, progress
+
+
+def test_scheduler_warms_up_every_task_then_follows_the_gain():
+    """Pure scheduling on synthetic histories: warm-up heaviest first (an even split when the budget is
+    short), then the task of largest estimated gain, within caps and the trials left."""
+    import math
+
+    from compiler import tuning
+    from compiler.tuning import TaskState, gain, next_batch
+
+    r = tuning.ROUND_TRIALS
+    cold = [TaskState(1, 0, [1.0]), TaskState(4, 0, [1.0]), TaskState(1, 0, [3.0])]
+    assert next_batch(cold, math.inf) == (1, r)  # weight x latency 4 > 3 > 1
+    assert next_batch(cold, 3) == (1, 1)  # 3 trials left for 3 cold tasks: one each
+    part = [TaskState(1, 3, [1.0]), TaskState(1, r, [1.0], warm=True)]
+    assert next_batch(part, math.inf) == (0, r - 3)  # topped up to one full batch
+
+    # warm tasks: same latency and weight; the one whose best keeps falling gains more
+    flat = TaskState(1, 4 * r, [2.0, 2.0, 2.0, 2.0], warm=True)
+    falling = TaskState(1, 4 * r, [2.6, 2.4, 2.2, 2.0], warm=True)
+    assert gain(falling) > gain(flat)
+    assert next_batch([flat, falling], math.inf) == (1, r)
+    # weight counts: a flat task called 3x per inference outweighs the falling one
+    assert next_batch([TaskState(3, 4 * r, [2.0] * 4, warm=True), falling], math.inf)[0] == 0
+    # optimistic term: with equal latencies, the task with fewer trials goes first
+    few, many = TaskState(1, r, [2.0], warm=True), TaskState(1, 10 * r, [2.0], warm=True)
+    assert next_batch([many, few], math.inf) == (1, r)
+    # caps (max share) and the trials left bound the batch; nothing open: None
+    assert next_batch([TaskState(1, 10, [1.0], cap=12, warm=True)], math.inf) == (0, 2)
+    assert next_batch([TaskState(1, 10, [1.0], cap=12, warm=True)], 1) == (0, 1)
+    assert next_batch([TaskState(1, 12, [1.0], cap=12, warm=True)], math.inf) is None
+    assert next_batch(cold, 0) is None
+    # deterministic: ties go to the lower index
+    assert next_batch([TaskState(1, r, [1.0], warm=True), TaskState(1, r, [1.0], warm=True)], math.inf) == (0, r)
+
+
+def test_plain_progress_has_no_escape_codes(caplog):
+    import io
+
+    from compiler import progress
+
+    stream = io.StringIO()  # not a terminal
+    display = progress.open_display(None, stream)
+    assert isinstance(display, progress.PlainDisplay)
+    rows = (progress.TaskRow("conv", 2, 16, 0.5, 0.8), progress.TaskRow("dense", 1, 8, None, 0.1))
+    snap = progress.Snapshot("zoo:x", "x86", 24, 100, 20, 65.0, 200.0, 1.1, 1.7, 3, "conv", 8, 8, 64, rows)
+    with caplog.at_level(logging.INFO, logger="compiler.tuning"):
+        display.update(snap)
+        display.close()
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "24/100 trials" in line and "est. 1.1 ms" in line and "1.55x" in line and "conv" in line
+    assert "\x1b" not in line and stream.getvalue() == ""
+    # the live display renders the same state (forced, into a buffer)
+    live = progress.open_display(True, stream)
+    assert isinstance(live, progress.LiveDisplay)
+    live.update(snap)
+    live.close()
+    assert "zoo:x" in stream.getvalue() and "conv" in stream.getvalue()
+
+
+def test_early_stopping_argument_is_checked(tmp_path, capsys):
+    import compiler
+
+    with pytest.raises(TuningError, match="early_stopping"):
+        compiler.tune("zoo:mlp", "x86", trials=3, early_stopping=-1, log_dir=tmp_path)
+    code = cli.main(["tune", "zoo:mlp", "--early-stopping", "-2", "--log-dir", str(tmp_path)])
+    assert code == 1 and "early_stopping must be a number of trials >= 0" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_early_stopping_stops_a_real_run(logs, monkeypatch, caplog, capfd):
+    """zoo:mlp on the shared logs (one trial per kernel): with batches of 2 trials the warm-up tops each
+    kernel up to 2 trials, then one more batch without gain (a gain threshold of 100 % cannot be met)
+    reaches a patience of 2 trials. Progress goes to the log as plain lines and to the trajectory file."""
+    import compiler
+    from compiler import tuning
+
+    monkeypatch.setattr(tuning, "ROUND_TRIALS", 2)
+    monkeypatch.setattr(tuning, "EARLY_STOPPING_MIN_GAIN", 1.0)
+    with caplog.at_level(logging.INFO, logger="compiler.tuning"):
+        report = compiler.tune("zoo:mlp", "x86", trials=30, log_dir=logs, early_stopping=2)
+    assert report.stopped_by == "early-stopping"
+    assert report.new_trials == KERNELS + 2 and report.rounds == KERNELS + 1
+    assert sorted(t.trials for t in report.tasks) == [2, 2, 4]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("batch ")]
+    assert len(lines) == report.rounds and "2/2 trials without gain" in lines[-1]
+    out, err = capfd.readouterr()
+    assert not any("\x1b" in text for text in (*lines, out, err))
+    entries = tuning.read_progress(report.progress_file)
+    assert report.progress_file == _work(logs) / "progress" / "zoo_mlp.jsonl"
+    assert [e["trials"] for e in entries[-report.rounds - 1:]] == [TRIALS, 4, 5, 6, 8]
+    assert entries[-1]["estimated_ms"] == pytest.approx(report.estimated_ms)
+
+
+# ---------------------------------------------------------------- overnight runner
+
+
+def test_overnight_survives_crashing_jobs_and_reports(tmp_path):
+    """The tiny plan plus a job whose model does not exist and one killed by its kill_after: the night
+    goes on, the report lists both failures and the good job's latencies, and its plot is a PNG."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    plan = tmp_path / "plan.toml"
+    plan.write_text((REPO / "scripts" / "plans" / "tiny.toml").read_text()
+                    + '\n[[job]]\nmodel = "/nonexistent/model.onnx"\ntime_budget = "1m"\n'
+                    + '\n[[job]]\nmodel = "zoo:mlp"\ntrials = 200\nkill_after = "4s"\n')
+    report_dir, log_dir = tmp_path / "report", tmp_path / "logs"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "overnight.py"), str(plan), "--report-dir",
+                           str(report_dir), "--log-dir", str(log_dir)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # some jobs failed; the runner did not
+    state = json.loads((report_dir / "state.json").read_text())
+    assert state["zoo:tiny_cnn@x86"]["status"] == "done"
+    assert state["/nonexistent/model.onnx@x86"]["status"] == "failed"
+    assert "killed after 4 s" in state["zoo:mlp@x86"]["error"]
+    good = state["zoo:tiny_cnn@x86"]["measure"]
+    assert all(good[k] > 0 for k in ("untuned_ms", "tuned_ms", "ort_ms", "torch_ms"))
+    md = (report_dir / "report.md").read_text()
+    assert "| zoo:tiny_cnn | x86 | done |" in md and "## Failures" in md
+    assert "/nonexistent/model.onnx" in md and "killed after 4 s" in md
+    png = report_dir / "zoo_tiny_cnn.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "(zoo_tiny_cnn.png)" in md

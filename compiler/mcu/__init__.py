@@ -10,6 +10,11 @@ in registers), emits C with TVM's ``c`` target, plans every intermediate and ker
 one static arena by liveness (:mod:`.plan`), and writes ``model.c`` with the weights as ``static
 const`` arrays and ``model_run`` walking the call sequence (:mod:`.codegen`). No TVM runtime, no
 ``malloc``, no operating system. Flash and RAM limits of the target are checked at compile time.
+Reshapes between kernels are aliases of their input's buffer, not copies.
+
+``compile(..., precision="int8", calibration=batches)`` runs :func:`compiler.quantize.quantize`
+between ``prepare`` and ``fuse``: int8 weights per output channel (about a quarter of the flash),
+8-bit intermediates in the arena, float32 inputs and outputs (``model_run`` is unchanged).
 Building and emulating need ``arm-none-eabi-gcc`` and ``qemu-system-arm`` (``scripts/setup_mcu.sh``).
 """
 
@@ -39,9 +44,13 @@ def _kb(n: int) -> str:
 
 
 def compile_mcu(model, desc, *, example_inputs=None, input_shapes=None, input_dtypes=None,
-                tuning_logs=None, schedule_kernels: bool = True) -> "MCUModule":
+                tuning_logs=None, precision: str = "fp32", calibration=None,
+                schedule_kernels: bool = True) -> "MCUModule":
     """See :func:`compiler.compile`; ``desc`` is a target description of family ``mcu``.
 
+    ``precision="int8"`` quantizes convolutions and matmuls after ``pipeline.prepare`` with
+    :func:`compiler.quantize.quantize` (``calibration``: example input batches): int8 weights in
+    flash, 8-bit intermediates in the arena, float32 inputs and outputs.
     ``schedule_kernels=False`` keeps TVM's plain loops (every fused intermediate becomes a kernel
     workspace): for comparisons and tests of the workspace planning."""
     from .. import pipeline
@@ -60,15 +69,22 @@ def compile_mcu(model, desc, *, example_inputs=None, input_shapes=None, input_dt
             raise InputShapeError(f"input {spec.name!r} has a dynamic shape {list(spec.shape)}: microcontroller "
                                   "builds need static shapes; fix it with input_shapes={...} / --input-shape")
     prepared = pipeline.prepare(imported.mod, desc)
+    quant = None
+    if precision == "int8":
+        from ..quantize import quantize
+
+        float_weights = codegen.constant_bytes(prepared["main"])
+        prepared, quant = quantize(prepared, calibration, imported.inputs)
     fused, groups = pipeline.fuse(prepared, desc)
-    program = codegen.lower_main(fused, [s.name for s in imported.inputs], list(imported.output_names))
+    program = codegen.lower_main(codegen.alias_reshapes(fused), [s.name for s in imported.inputs],
+                                 list(imported.output_names))
     weights = sum(t.nbytes for t in program.tensors if t.kind == "const")
     flash = desc.flash_kb * 1024
     if flash and weights > flash:
         raise MemoryLimitError(
             f"the model does not fit {desc.name}: its weights need {_kb(weights)} of flash, the target has "
             f"{_kb(flash)} (before any code)")
-    scheduled = schedule.schedule_module(fused) if schedule_kernels else fused
+    scheduled = schedule.schedule_module(fused, schedule.vector_lanes(desc)) if schedule_kernels else fused
     kernels = list(dict.fromkeys(c.kernel for c in program.calls))
     kernels_c = codegen.emit_kernels(scheduled, kernels, desc.to_tvm())
     peaks = codegen.workspace_peaks(kernels_c)
@@ -90,6 +106,7 @@ def compile_mcu(model, desc, *, example_inputs=None, input_shapes=None, input_dt
         "outputs": [{"name": n, "shape": list(program.tensors[i].shape), "dtype": program.tensors[i].dtype}
                     for n, i in zip(program.output_names, program.outputs)],
         "kernels_called": [c.kernel for c in program.calls],
+        "precision": precision,
         "memory": {
             "weights_bytes": weights,
             "arena_bytes": plan.arena_bytes,
@@ -101,6 +118,9 @@ def compile_mcu(model, desc, *, example_inputs=None, input_shapes=None, input_dt
             "ram_limit_bytes": ram,
         },
     })
+    if quant is not None:
+        meta["quantization"] = quant.to_json()
+        meta["memory"]["weights_fp32_bytes"] = float_weights
     log.info("compiled for %s in %.1f s", desc.name, time.perf_counter() - t0)
     return MCUModule(meta, program, plan, kernels_c, peaks)
 
@@ -140,7 +160,8 @@ class MCUModule:
         desc = self.target
         return {
             f"{prefix}.h": codegen.emit_model_h(self.program, self.plan, prefix, desc.name,
-                                                self.meta["memory"]["weights_bytes"]),
+                                                self.meta["memory"]["weights_bytes"],
+                                                self.meta.get("precision", "fp32")),
             f"{prefix}.c": codegen.emit_model_c(self.program, self.plan, self._kernels_c, self._ws_peaks, prefix,
                                                 desc.name),
             "Makefile": toolchain.makefile(desc, prefix),
@@ -209,7 +230,11 @@ class MCUModule:
 
 def memory_report(meta: dict) -> str:
     m = meta["memory"]
+    precision = meta.get("precision", "fp32")
     rows = [("weights (flash)", m["weights_bytes"])]
+    if "weights_fp32_bytes" in m:
+        ratio = m["weights_bytes"] / max(m["weights_fp32_bytes"], 1)
+        rows.append((f"  the same weights in fp32 ({precision}: {ratio:.0%} of them)", m["weights_fp32_bytes"]))
     sizes = meta.get("sizes")
     if sizes:
         code = max(sizes["text"] - m["weights_bytes"], 0)
@@ -223,7 +248,7 @@ def memory_report(meta: dict) -> str:
     ]
     if sizes:
         rows.append(("static RAM of the library (data + bss)", sizes["data"] + sizes["bss"]))
-    lines = [f"memory for {meta['target']['name']}:"]
+    lines = [f"memory for {meta['target']['name']} ({precision}):"]
     lines += [f"  {name:<50} {value:>10,} B  {value / 1024:8.1f} KB" for name, value in rows]
     lim_f, lim_r = m["flash_limit_bytes"], m["ram_limit_bytes"]
     if lim_f or lim_r:

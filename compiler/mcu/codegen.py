@@ -1,7 +1,9 @@
 """C code generation for microcontroller builds: one self-contained ``model.c`` plus ``model.h``.
 
 The Relax ``main`` function of the fused, scheduled module is a straight sequence of ``call_tir``
-calls. :func:`lower_main` turns it into a :class:`Program` (tensors and calls); :func:`emit_kernels`
+calls. :func:`alias_reshapes` turns reshape kernels (pure copies) into ``R.reshape`` bindings, which
+cost nothing: the result is an alias of its input's buffer (a row-major reshape keeps the bytes).
+:func:`lower_main` turns the sequence into a :class:`Program` (tensors and calls); :func:`emit_kernels`
 turns the kernels into C with TVM's ``c`` target; :func:`emit_model_c` and :func:`emit_model_h` write
 the library around them: weights as ``static const`` arrays (flash), static ``DLTensor`` descriptors,
 one arena for the intermediates (offsets from :mod:`compiler.mcu.plan`), a LIFO workspace allocator
@@ -32,9 +34,10 @@ class Tensor:
     name: str  # the model's name for inputs/outputs, the Relax var name otherwise
     shape: tuple[int, ...]
     dtype: str
-    kind: str  # "input", "const", "intermediate"
+    kind: str  # "input", "const", "intermediate", "alias" (a reshape: the bytes of tensor ``alias_of``)
     value: np.ndarray | None = None  # constants only
     output_slot: int | None = None  # set when a kernel writes this tensor as a model output
+    alias_of: int | None = None  # aliases only: the tensor that owns the buffer (never an alias itself)
 
     @property
     def nbytes(self) -> int:
@@ -80,12 +83,43 @@ def _static_shape(ty, what: str) -> tuple[tuple[int, ...], str]:
     return dims, str(ty.dtype)
 
 
+def alias_reshapes(mod):
+    """``mod`` with every reshape kernel (a ``call_tir`` that only copies) rewritten to ``R.reshape``,
+    which :func:`lower_main` lowers to an alias of its input instead of a copy."""
+    from tvm import relax
+
+    return relax.transform.RewriteDataflowReshape()(mod)
+
+
+def constant_bytes(func) -> int:
+    """Bytes of the distinct constants a Relax function uses (its weights)."""
+    from tvm import relax
+
+    seen: dict = {}
+
+    def visit(e):
+        if type(e).__name__ in ("GenericConst", "Constant"):
+            seen[e] = e.value.numpy().nbytes
+        elif isinstance(e, relax.Call):
+            for a in e.args:
+                visit(a)
+        elif isinstance(e, relax.Tuple):
+            for f in e.fields:
+                visit(f)
+
+    for block in func.body.blocks:
+        for b in block.bindings:
+            visit(b.value)
+    return sum(seen.values())
+
+
 def lower_main(mod, input_names: list[str], output_names: list[str]) -> Program:
     """The call sequence of ``mod["main"]`` (see the module docstring); raises for anything else."""
     import tvm
     from tvm import relax
 
     call_tir = tvm.ir.Op.get("relax.call_tir")
+    reshape = tvm.ir.Op.get("relax.reshape")
     main = mod["main"]
     tensors: list[Tensor] = []
     const_ids: dict = {}
@@ -148,6 +182,14 @@ def lower_main(mod, input_names: list[str], output_names: list[str]) -> Program:
                                     "intermediate"))
                 calls.append(Call(len(calls), gv.name_hint, ins + outs, len(outs)))
                 values[var] = outs[0] if not hasattr(out_ty, "fields") else tuple(outs)
+            elif isinstance(value, relax.Call) and value.op.same_as(reshape):
+                src = resolve(value.args[0])
+                if isinstance(src, tuple) or src < 0:
+                    raise CompileError(f"cannot alias the reshape {var.name}")
+                shape, dtype = _static_shape(var.ty, f"the reshape {var.name}")
+                root = tensors[src].alias_of if tensors[src].kind == "alias" else src
+                values[var] = new(var.name, shape, dtype, "alias")
+                tensors[-1].alias_of = root
             elif isinstance(value, relax.Call):
                 op = getattr(value.op, "name", None) or getattr(value.op, "name_hint", None) or str(value.op)
                 if op == "relax.call_tir":  # pragma: no cover
@@ -285,14 +327,19 @@ def build_plan(program: Program, ws_peaks: dict[str, int]) -> MemoryPlan:
 
     last_use: dict[int, int] = {}
     first: dict[int, int] = {}
+
+    def owner(idx: int) -> int:  # an alias (reshape) keeps its owner's buffer alive
+        alias = program.tensors[idx].alias_of
+        return idx if alias is None else alias
+
     for call in program.calls:
         for pos, idx in enumerate(call.args):
             if pos >= len(call.args) - call.num_outputs:
                 first.setdefault(idx, call.step)
-            last_use[idx] = call.step
+            last_use[owner(idx)] = call.step
     end = len(program.calls)
     for _, idx in program.copies:  # copied into an output after the last call
-        last_use[idx] = end
+        last_use[owner(idx)] = end
     buffers = []
     for t in program.tensors:
         if t.kind == "intermediate" and t.output_slot is None:
@@ -304,8 +351,16 @@ def build_plan(program: Program, ws_peaks: dict[str, int]) -> MemoryPlan:
     return plan(buffers)
 
 
-def emit_model_h(program: Program, plan: MemoryPlan, prefix: str, target_name: str, weights_bytes: int) -> str:
+def emit_model_h(program: Program, plan: MemoryPlan, prefix: str, target_name: str, weights_bytes: int,
+                 precision: str = "fp32") -> str:
     P = prefix.upper()
+    int8 = [
+        " *",
+        " * Precision int8 (post-training quantization): convolution and matmul weights are int8 with one",
+        " * scale per output channel, biases int32, accumulation int32, and the intermediates between",
+        " * quantized layers are 8-bit in the arena. The API is unchanged: inputs and outputs are float32,",
+        " * quantized on entry and dequantized to float32 at the outputs inside the run function.",
+    ] if precision == "int8" else []
     lines = [
         f"/* {prefix}.h: a model compiled by Kiln for {target_name}.",
         " *",
@@ -318,6 +373,7 @@ def emit_model_h(program: Program, plan: MemoryPlan, prefix: str, target_name: s
         " * caller. Returns 0 on success, or the non-zero status of the kernel that failed. Intermediates",
         f" * live in one static arena of {P}_ARENA_BYTES bytes (.bss) planned at compile time; weights are",
         " * static const arrays (flash). Not reentrant: one call at a time.",
+        *int8,
         " */",
         f"#ifndef {P}_H_",
         f"#define {P}_H_",
@@ -333,6 +389,7 @@ def emit_model_h(program: Program, plan: MemoryPlan, prefix: str, target_name: s
         f"#define {P}_INTERMEDIATE_BYTES {plan.tensor_bytes}u  /* sum of all intermediates (no reuse) */",
         f"#define {P}_WORKSPACE_BYTES {plan.workspace_bytes}u  /* the largest kernel workspace (inside the arena) */",
         f"#define {P}_WEIGHTS_BYTES {weights_bytes}u  /* constant data in flash */",
+        f'#define {P}_PRECISION "{precision}"',
         "",
     ]
     params = []
@@ -354,7 +411,7 @@ def emit_model_h(program: Program, plan: MemoryPlan, prefix: str, target_name: s
             const = "const " if role == "INPUT" else ""
             params.append(f"{const}{c_type(t.dtype)}* {c_ident(name)}")
     lines += [
-        f"/* Run the model: inputs first, then outputs, in the order above. Returns 0 on success. */",
+        "/* Run the model: inputs first, then outputs, in the order above. Returns 0 on success. */",
         f"int {prefix}_run({', '.join(params)});",
         "",
         "#ifdef __cplusplus",
@@ -443,7 +500,7 @@ def emit_model_c(program: Program, plan: MemoryPlan, kernels_c: str, ws_peaks: d
             data = f"(void*)kiln_w{t.index}"
         elif t.kind == "intermediate" and t.output_slot is None:
             data = f"(void*)(kiln_arena + {plan.offsets[f't{t.index}']}u)"
-        else:
+        else:  # inputs, outputs and aliases: bound in <prefix>_run
             data = "NULL"
         out.append(f"static DLTensor kiln_t{t.index} = {{{data}, {{1, 0}}, {len(t.shape)}, {_dl_dtype(t.dtype)}, "
                    f"(int64_t*)kiln_s{t.index}, NULL, 0}};  /* {t.kind} {t.name} {list(t.shape)} */")
@@ -470,6 +527,9 @@ def emit_model_c(program: Program, plan: MemoryPlan, kernels_c: str, ws_peaks: d
         params.append(f"{c_type(t.dtype)}* {c_ident(name)}")
         if t.output_slot == slot:
             binds.append(f"  kiln_t{idx}.data = (void*){c_ident(name)};")
+    for t in program.tensors:  # reshapes: the owner's bytes, no copy
+        if t.kind == "alias":
+            binds.append(f"  kiln_t{t.index}.data = kiln_t{t.alias_of}.data;  /* reshape of {program.tensors[t.alias_of].name} */")
     out.append(f"int {prefix}_run({', '.join(params)}) {{")
     out.append("  int kiln_rc;")
     out += binds
