@@ -269,7 +269,8 @@ def _cmd_tune(args) -> int:
                            resume=not args.restart, early_stopping=args.early_stopping,
                            rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key)
     print(report)
-    print(f"then: kiln compile {args.model} --target {args.target} --tuning-logs {args.log_dir} -o MODEL.so")
+    logs = report.log_dir.parent  # args.log_dir, or its emulated/ subfolder for emulated devices
+    print(f"then: kiln compile {args.model} --target {args.target} --tuning-logs {logs} -o MODEL.so")
     return 0
 
 

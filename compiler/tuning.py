@@ -24,6 +24,8 @@ from .errors import TargetError, TuningError
 
 log = logging.getLogger(__name__)
 
+#: Subfolder of ``log_dir`` for records measured on emulated devices (compiler.remote, emulator).
+EMULATED_SUBDIR = "emulated"
 #: Trials per task when neither ``trials`` nor ``time_budget`` is given.
 DEFAULT_TRIALS_PER_TASK = 32
 #: Trials of one batch (one MetaSchedule call on one task: evolutionary search, build, measure).
@@ -252,7 +254,11 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
     if rpc_tracker is not None:  # measured on the devices under rpc_key (compiler.remote): checked now
         from . import remote
 
-        remote.check_tuning_devices(rpc_tracker, rpc_key, desc)
+        if remote.check_tuning_devices(rpc_tracker, rpc_key, desc).emulated:
+            # timings under QEMU say nothing of a real board: never let them answer its queries
+            log_dir = Path(log_dir) / EMULATED_SUBDIR
+            log.warning("records measured on emulated devices go to %s, apart from real boards' logs "
+                        "(compile with tuning_logs=%s to use them, for correctness checks)", log_dir, log_dir)
     elif not buildable(desc) or desc.is_cross:
         raise TargetError(f"target {desc.name!r} ({desc.family}) cannot be tuned on this machine: its kernels "
                           "must be measured on the device. The x86 targets tune here; ARM targets through an RPC "

@@ -24,7 +24,7 @@ from conftest import REPO, assert_close, run_torch, zoo_model
 
 import compiler
 from compiler import cli, emulator, remote
-from compiler.errors import KilnError, TargetError
+from compiler.errors import KilnError, TargetError, TuningError
 
 X86_KEY = "kiln-test-x86"
 EMU_KEY = "kiln-test-emu"
@@ -335,7 +335,11 @@ def test_tune_arm_on_emulated_device(tmp_path, tracker, emu_server, caplog):
     # 3 cross-compiled default schedules + 3 trials, measured on the emulated device
     assert _loads(emu_server.log()) - before >= 6
     model, inputs = zoo_model("mlp")
-    mod = compiler.compile(model, "arm", example_inputs=inputs, tuning_logs=str(logs))
+    # emulated timings are kept apart from real boards' records: logs/emulated/<fingerprint>
+    assert report.log_dir.parent == logs / "emulated"
+    with pytest.raises(TuningError):
+        compiler.compile(model, "arm", example_inputs=inputs, tuning_logs=str(logs))
+    mod = compiler.compile(model, "arm", example_inputs=inputs, tuning_logs=str(logs / "emulated"))
     assert mod.meta["untuned_kernels"] == []
     got = emulator.run(mod, *[x.numpy() for x in inputs])
     assert_close(got, run_torch(model, inputs), what="mlp for arm tuned on the emulated device")
