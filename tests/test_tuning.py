@@ -26,19 +26,8 @@ KERNELS = 3
 RECORDS = TRIALS + KERNELS  # each kernel's default schedule is a record too (not a trial)
 
 
-@pytest.fixture(scope="module")
-def tuned_logs(tmp_path_factory) -> Path:
-    """``kiln tune zoo:mlp --trials 3 --log-dir DIR``, once for this file (read-only: copy it)."""
-    import contextlib
-    import io
-
-    root = tmp_path_factory.mktemp("tuning") / "logs"
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = cli.main(["tune", "zoo:mlp", "--target", "x86", "--trials", str(TRIALS), "--log-dir", str(root)])
-    assert code == 0, out.getvalue()
-    assert "tuned zoo:mlp" in out.getvalue() and "--tuning-logs" in out.getvalue()
-    return root
+# ``tuned_logs`` (conftest.py): ``kiln tune zoo:mlp --trials 3``, once per session, shared with
+# tests/test_shipped_logs.py.
 
 
 @pytest.fixture
