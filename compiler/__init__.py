@@ -61,8 +61,8 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
       per trial measured so far in this run and starts it only if it fits in what is left. A batch is
       never cut short, so a run ends up to one batch early, or late by one batch's misprediction.
     * ``early_stopping``: a number of trials; after the warm-up, stop when no batch has lowered its
-      kernel's best latency by more than 1 % for that many trials. Default: 64 when a ``time_budget``
-      is given, off otherwise; 0 turns it off.
+      kernel's best latency by more than 1 % for that many trials. Default: when a ``time_budget`` is
+      given, 64 or 8 per kernel (one more batch each), whichever is more; off otherwise; 0 turns it off.
 
     ``log_dir``: the tuning-log directory; records go to ``log_dir/<target fingerprint>/`` (one
     MetaSchedule JSON database per target, see ``schedules.database``) and are appended as each

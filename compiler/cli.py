@@ -114,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     tu.add_argument("--time-budget", metavar="DURATION", help="wall-clock budget for this run: 8h, 30m, 90s, 1h30m")
     tu.add_argument("--log-dir", default="tuning_logs", help="tuning-log directory (default: tuning_logs)")
     tu.add_argument("--early-stopping", type=int, metavar="N", help="stop when no kernel's best improved by more "
-                    "than 1%% for N trials after the warm-up (default: 64 with --time-budget, else off; 0: off)")
+                    "than 1%% for N trials after the warm-up (default with --time-budget: 64 or 8 per kernel, whichever is more; else off; 0: off)")
     tu.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME:SHAPE",
                     help="fix an input's shape, e.g. input:1x3x224x224 (repeatable)")
     tu.add_argument("--restart", action="store_true", help="set existing logs for this target aside and start over")
