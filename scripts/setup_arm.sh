@@ -13,6 +13,7 @@
 #
 # Kiln finds the device through compiler.emulator (same cache path, or KILN_ARM_ROOT / KILN_ARM_SITE).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/apt_install.sh"
 
 CACHE=${KILN_CACHE:-$HOME/.cache/kiln}
 ARM=$CACHE/arm64
@@ -45,15 +46,8 @@ mkdir -p "$ARM"
 
 # -- 1. Debian packages ---------------------------------------------------------------------------
 if [ -n "$(missing_tools)" ]; then
-  log "installing ${PACKAGES[*]} (missing: $(missing_tools))"
-  SUDO=""
-  if [ "$(id -u)" != 0 ]; then
-    command -v sudo >/dev/null 2>&1 || { log "need root or sudo to apt-get install ${PACKAGES[*]}"; exit 1; }
-    SUDO=sudo
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
+  log "missing: $(missing_tools)"
+  apt_install "${PACKAGES[@]}"
   left=$(missing_tools)
   [ -z "$left" ] || { log "still missing after apt-get install: $left"; exit 1; }
 fi

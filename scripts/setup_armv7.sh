@@ -26,6 +26,7 @@
 # missing ones are apt-get installed here). KILN_PYTHON picks the Python whose wheels are used (default:
 # .venv/bin/python); KILN_ARMV7_JOBS the parallel compile jobs (default 2).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/apt_install.sh"
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${KILN_CACHE:-$HOME/.cache/kiln}
@@ -73,15 +74,7 @@ command -v "$CXX" >/dev/null 2>&1 || missing+=(g++-arm-linux-gnueabihf)
 command -v "$QEMU" >/dev/null 2>&1 || missing+=(qemu-user-static)
 command -v make >/dev/null 2>&1 || missing+=(make)
 if [ ${#missing[@]} -gt 0 ]; then
-  log "installing ${missing[*]}"
-  SUDO=""
-  if [ "$(id -u)" != 0 ]; then
-    command -v sudo >/dev/null 2>&1 || { log "need root or sudo to apt-get install ${missing[*]}"; exit 1; }
-    SUDO=sudo
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt_install "${missing[@]}"
   CXX_VER=$("$CXX" --version | head -1)
 fi
 

@@ -15,18 +15,6 @@ if [ ${#need[@]} -eq 0 ]; then
   echo "mcu toolchain ready: $(arm-none-eabi-gcc -dumpversion) / $(qemu-system-arm --version | head -1)"
   exit 0
 fi
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
-    echo "setup_mcu.sh: need root to install ${need[*]} (apt-get install ${need[*]})" >&2; exit 1
-  fi
-fi
-if ! command -v apt-get >/dev/null 2>&1; then
-  echo "setup_mcu.sh: no apt-get here; install ${need[*]} (arm-none-eabi-gcc, newlib, qemu-system-arm) by hand" >&2
-  exit 1
-fi
-echo "installing ${need[*]} ..."
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+source "$(dirname "${BASH_SOURCE[0]}")/apt_install.sh"
+apt_install "${need[@]}"
 echo "mcu toolchain ready: $(arm-none-eabi-gcc -dumpversion) / $(qemu-system-arm --version | head -1)"
