@@ -103,6 +103,26 @@ def _record_counts(log_dir: Path) -> dict[str, int]:
     return counts
 
 
+def _new_trials(work: Path, hashes_of, before: dict[str, int]):
+    """``(workload hash, ms or None for a failed candidate)`` of each trial this run added for the
+    workloads in ``hashes_of``, in the order appended (records there before it and default schedules
+    left out)."""
+    from schedules import database
+
+    default_traces = {e.get("trace") for e in database.read_defaults(work).values()}
+    hashes, records = database.read_db(work)
+    seen: dict[str, int] = {}
+    for idx, rec in records:
+        h = hashes[idx]
+        if h not in hashes_of:
+            continue
+        seen[h] = seen.get(h, 0) + 1
+        if seen[h] <= before.get(h, 0) or database.trace_key(rec[0]) in default_traces:
+            continue  # there before this run, or a default schedule
+        secs = database.record_seconds(rec)
+        yield h, None if secs is None else secs * 1e3
+
+
 def search_trajectory(work: Path, model: str, before: dict[str, int]) -> list[tuple[int, float]]:
     """The search's own progress, defaults left out: after each new trial k of this run (records in
     the order they were appended), ``sum(weight x best trial so far) / sum(weight x default)`` over the
@@ -110,26 +130,14 @@ def search_trajectory(work: Path, model: str, before: dict[str, int]) -> list[tu
     default figures keeps load changes between runs out of the comparison."""
     from schedules import database
 
-    tasks = database.read_models(work)[model]["tasks"]
-    weight = {t["workload"]: t["weight"] for t in tasks}
+    weight = {t["workload"]: t["weight"] for t in database.read_models(work)[model]["tasks"]}
     defaults = database.read_defaults(work)
-    default_traces = {e.get("trace") for e in defaults.values()}
     denom = sum(w * defaults[h]["ms"] for h, w in weight.items())
-    hashes, records = database.read_db(work)
-    seen: dict[str, int] = {}
     best: dict[str, float] = {}
-    out, k = [], 0
-    for idx, rec in records:
-        h = hashes[idx]
-        if h not in weight:
-            continue
-        seen[h] = seen.get(h, 0) + 1
-        if seen[h] <= before.get(h, 0) or database.trace_key(rec[0]) in default_traces:
-            continue  # there before this run, or a default schedule
-        k += 1
-        secs = [float(x) for x in rec[1]]
-        if secs and max(secs) < 1e9:
-            best[h] = min(best.get(h, float("inf")), sum(secs) / len(secs) * 1e3)
+    out = []
+    for k, (h, ms) in enumerate(_new_trials(work, weight, before), start=1):
+        if ms is not None:
+            best[h] = min(best.get(h, float("inf")), ms)
         if len(best) == len(weight):
             out.append((k, sum(w * best[h] for h, w in weight.items()) / denom))
     return out
@@ -142,20 +150,9 @@ def kernel_trials(work: Path, model: str, before: dict[str, int]) -> dict[str, l
 
     hashes_of = {t["workload"] for t in database.read_models(work)[model]["tasks"]}
     defaults = database.read_defaults(work)
-    default_traces = {e.get("trace") for e in defaults.values()}
-    hashes, records = database.read_db(work)
-    seen: dict[str, int] = {}
     out: dict[str, list[float]] = {h: [] for h in hashes_of}
-    for idx, rec in records:
-        h = hashes[idx]
-        if h not in hashes_of:
-            continue
-        seen[h] = seen.get(h, 0) + 1
-        if seen[h] <= before.get(h, 0) or database.trace_key(rec[0]) in default_traces:
-            continue
-        secs = [float(x) for x in rec[1]]
-        ok = secs and max(secs) < 1e9
-        out[h].append(sum(secs) / len(secs) * 1e3 / defaults[h]["ms"] if ok else float("inf"))
+    for h, ms in _new_trials(work, hashes_of, before):
+        out[h].append(float("inf") if ms is None else ms / defaults[h]["ms"])
     return out
 
 
