@@ -213,18 +213,8 @@ def _uses(func) -> dict:
     def visit(e):
         if isinstance(e, relax.Var):
             counts[e] = counts.get(e, 0) + 1
-        elif isinstance(e, relax.Call):
-            for a in e.args:
-                visit(a)
-        elif isinstance(e, relax.Tuple):
-            for f in e.fields:
-                visit(f)
-        elif isinstance(e, relax.TupleGetItem):
-            visit(e.tuple_value)
 
-    for b in _bindings(func):
-        visit(b.value)
-    visit(func.body.body)
+    relax.analysis.post_order_visit(func.body, visit)
     return counts
 
 

@@ -100,16 +100,8 @@ def constant_bytes(func) -> int:
     def visit(e):
         if type(e).__name__ in ("GenericConst", "Constant"):
             seen[e] = e.value.numpy().nbytes
-        elif isinstance(e, relax.Call):
-            for a in e.args:
-                visit(a)
-        elif isinstance(e, relax.Tuple):
-            for f in e.fields:
-                visit(f)
 
-    for block in func.body.blocks:
-        for b in block.bindings:
-            visit(b.value)
+    relax.analysis.post_order_visit(func.body, visit)
     return sum(seen.values())
 
 
