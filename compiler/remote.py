@@ -409,7 +409,9 @@ def tuning_parts(tracker: str, key: str, desc, *, build_workers: int | None = No
     workers = max(1, status.free)
     builder = search.PersistentBuilder(max_workers=build_workers or len(os.sched_getaffinity(0)),
                                        link=desc.cross_compiler or "")
-    return {"builder": builder, "runner": ms.runner.RPCRunner(rpc_config=config, max_workers=workers)}
+    runner = ms.runner.RPCRunner(rpc_config=config, evaluator_config=search.evaluator_config(desc.to_tvm()),
+                                 max_workers=workers)
+    return {"builder": builder, "runner": runner}
 
 
 def wait_for_key(tracker: str, key: str, servers: int = 1, timeout: float = 60.0) -> TrackerStatus:

@@ -287,6 +287,12 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
         moved = logs_db.set_aside(log_dir, desc)
         if moved:
             log.warning("resume=False: previous tuning logs for %s moved to %s", desc.name, moved)
+    stale = logs_db.set_aside_stale(log_dir, desc)
+    if stale:
+        log.warning("tuning logs for %s were timed under protocol %r, this Kiln times %r (caches flushed, as "
+                    "kernels run in a model): they were moved to %s and tuning starts afresh; "
+                    "compile(tuning_logs=...) can still use them there", desc.name, stale[1],
+                    search.MEASUREMENT, stale[0])
     logs = logs_db.open_logs(log_dir, desc, create=True)
     db = logs.database
     keys = [str(tvm_ffi.structural_hash(t.mod)) for t in tasks]

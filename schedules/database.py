@@ -165,10 +165,27 @@ def _check_target_file(work: Path, target: TargetDescription) -> None:
         )
 
 
+#: The measurement protocol of logs whose ``target.json`` names none (older Kiln: hot caches).
+LEGACY_MEASUREMENT = "hot"
+
+
+def current_measurement() -> str:
+    """How this Kiln times candidates (``schedules.search.MEASUREMENT``)."""
+    from schedules.search import MEASUREMENT
+
+    return MEASUREMENT
+
+
+def measurement(meta: dict) -> str:
+    """The measurement protocol a ``target.json`` (as read) records."""
+    return str(meta.get("measurement", LEGACY_MEASUREMENT))
+
+
 def _write_target_file(work: Path, target: TargetDescription) -> None:
     from compiler import __version__
 
-    data = {"fingerprint": target.fingerprint(), "kiln_version": __version__, "target": target.to_json()}
+    data = {"fingerprint": target.fingerprint(), "kiln_version": __version__, "target": target.to_json(),
+            "measurement": current_measurement()}
     _atomic_write(work / TARGET_FILE, [json.dumps(data, indent=1).encode()])
 
 
@@ -341,13 +358,34 @@ def open_logs(log_dir, target: TargetDescription, *, create: bool) -> TuningLogs
 
 
 def set_aside(log_dir, target: TargetDescription) -> Path | None:
-    """Move ``target``'s existing database out of the way (``resume=False``); return where to."""
+    """Move ``target``'s existing database out of the way (``resume=False``); return where to:
+    ``LOG_DIR/old-<date-time>``, itself a tuning-log directory (``compile(tuning_logs=...)`` and
+    ``kiln logs`` accept it)."""
     work = target_dir(log_dir, target)
     if not work.exists():
         return None
-    dest = work.with_name(f"{work.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    work.rename(dest)
-    return dest
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    root = Path(log_dir) / f"old-{stamp}"
+    n = 1
+    while (root / work.name).exists():
+        n += 1
+        root = Path(log_dir) / f"old-{stamp}-{n}"
+    root.mkdir(parents=True, exist_ok=True)
+    work.rename(root / work.name)
+    return root
+
+
+def set_aside_stale(log_dir, target: TargetDescription) -> tuple[Path, str] | None:
+    """Before tuning: move ``target``'s database out of the way if it was measured under another
+    protocol than this Kiln's (:data:`schedules.search.MEASUREMENT`), so new timings never compete with
+    old ones. Returns (where it went, its protocol), or None when nothing was moved."""
+    work = target_dir(log_dir, target)
+    if not (work / TARGET_FILE).exists():
+        return None
+    old = measurement(read_json(work / TARGET_FILE, {}) or {})
+    if old == current_measurement():
+        return None
+    return set_aside(log_dir, target), old
 
 
 # -- list, merge, export, import ------------------------------------------------------------------
@@ -496,6 +534,16 @@ def _best_records(records: list[bytes]) -> list[bytes]:
     return [records[i] for i in keep]
 
 
+def _check_same_measurement(a: Path, a_meta: dict, b: Path, b_meta: dict) -> None:
+    """Records timed under different protocols do not compare (the best of a mix is meaningless)."""
+    if measurement(a_meta) != measurement(b_meta):
+        raise _error(
+            f"cannot merge tuning logs measured differently: {a} ({measurement(a_meta)!r} timings) and {b} "
+            f"({measurement(b_meta)!r}); their latencies do not compare. Keep the logs of one protocol (this "
+            f"Kiln measures {current_measurement()!r}; re-tune to replace older logs)"
+        )
+
+
 def merge(sources, log_dir, *, target: TargetDescription | None = None, strict: bool = False,
           best_only: bool = False) -> MergeResult:
     """Merge the per-target databases in ``sources`` (each a per-target folder or a tuning-log
@@ -531,6 +579,8 @@ def merge(sources, log_dir, *, target: TargetDescription | None = None, strict: 
                 f"{_describe(work, meta)}; records of different targets never share a database: merge "
                 "each target on its own (--target NAME)"
             )
+    for work, meta in srcs[1:]:
+        _check_same_measurement(first_work, first_meta, work, meta)
     fingerprint = first_meta["fingerprint"]
     root = Path(log_dir)
     if (root / TARGET_FILE).exists():
@@ -542,6 +592,7 @@ def merge(sources, log_dir, *, target: TargetDescription | None = None, strict: 
         if dmeta["fingerprint"] != fingerprint:
             raise _error(f"cannot merge tuning logs of different targets: {_describe(first_work, first_meta)}, "
                          f"the destination {_describe(dst, dmeta)}")
+        _check_same_measurement(first_work, first_meta, dst, dmeta)
         repair(dst)
     else:
         dmeta = first_meta

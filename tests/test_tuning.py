@@ -241,6 +241,52 @@ def test_time_budget_too_small_for_a_batch_stops_before_measuring(tmp_path):
     assert all(t.default_ms is not None and t.default_ms > 0 for t in report.tasks)
 
 
+def _relabel_measurement(work: Path, protocol: str | None) -> None:
+    """Make ``work``'s target.json say its records were timed under ``protocol`` (None: say nothing,
+    as logs of older Kiln versions)."""
+    meta = json.loads((work / "target.json").read_text())
+    meta.pop("measurement", None)
+    if protocol is not None:
+        meta["measurement"] = protocol
+    (work / "target.json").write_text(json.dumps(meta))
+
+
+def test_logs_timed_under_another_protocol_are_set_aside_not_mixed(logs, caplog):
+    """Records timed with hot caches (older Kiln) must not compete with flushed timings: tuning moves
+    them aside (nothing deleted) and starts a fresh database; they still compile where they are."""
+    import compiler
+    from schedules import search
+
+    work = _work(logs)
+    assert json.loads((work / "target.json").read_text())["measurement"] == search.MEASUREMENT
+    _relabel_measurement(work, None)
+    old_records = (work / "database_tuning_record.json").read_bytes()
+    with caplog.at_level(logging.WARNING, logger="compiler"):
+        report = compiler.tune("zoo:mlp", "x86", time_budget="1s", log_dir=logs)
+    moved = [p for p in logs.iterdir() if p.name.startswith("old-")]
+    assert len(moved) == 1 and (_work(moved[0]) / "database_tuning_record.json").read_bytes() == old_records
+    assert "'hot'" in caplog.text and str(moved[0]) in caplog.text
+    assert report.total_trials == 0  # the fresh database has none of the old trials
+    assert json.loads((work / "target.json").read_text())["measurement"] == search.MEASUREMENT
+    # the old records still compile from where they were moved
+    mod = compiler.compile("zoo:mlp", "x86", tuning_logs=moved[0])
+    assert len(mod.meta["tuned_kernels"]) == KERNELS
+
+
+def test_logs_merge_refuses_mixed_measurement_protocols(logs, tmp_path):
+    from schedules import database
+
+    old = tmp_path / "old"
+    shutil.copytree(logs, old)
+    _relabel_measurement(_work(old), "hot")
+    dest = tmp_path / "dest"
+    with pytest.raises(TuningError, match=r"measured differently.*'hot'"):
+        database.merge([logs, old], dest)
+    assert not (dest / _host().fingerprint()).exists()
+    with pytest.raises(TuningError, match="measured differently"):  # into a destination of the other protocol
+        database.merge([logs], _work(old))
+
+
 @pytest.mark.slow
 def test_resume_continues_and_never_duplicates_workloads(logs):
     """Raising the trial count on the same logs measures only the new trials; records grow, every
@@ -287,7 +333,12 @@ def _kernel_ms(built, name: str) -> float:
     rng = np.random.default_rng(0)
     args = [tvm.runtime.tensor(rng.random([int(d) for d in info.shape]).astype(str(info.dtype)), dev)
             for info in ms.arg_info.ArgInfo.from_prim_func(func)]
-    timer = executable.mod.imports[0].time_evaluator(name, dev, number=3, repeat=7, min_repeat_ms=50)
+    from schedules import search
+
+    cfg = search.evaluator_config(tvm.target.Target({"kind": "llvm"}))  # the tuner's protocol
+    timer = executable.mod.imports[0].time_evaluator(
+        name, dev, number=cfg.number, repeat=max(cfg.repeat, 20), min_repeat_ms=cfg.min_repeat_ms,
+        f_preproc="cache_flush_cpu_non_first_arg" if cfg.enable_cpu_cache_flush else "")
     return float(np.median(timer(*args).results)) * 1e3
 
 
