@@ -54,6 +54,29 @@ MEASUREMENT = "cold-weights-1"
 MEASURE_REPEAT = 10
 
 
+#: A timed call slower than this many times the median of its candidate's calls is dropped as an
+#: outlier (a page fault, a thread pool waking, the machine's other work): MetaSchedule ranks records by
+#: the mean of their times, which one 2x outlier in ten moves by 10 %.
+OUTLIER_FACTOR = 1.25
+
+
+def robust_times(costs: list[float]) -> list[float]:
+    """``costs`` without the outliers (see :data:`OUTLIER_FACTOR`); never empty when ``costs`` is not."""
+    if len(costs) < 3:
+        return list(costs)
+    ordered = sorted(costs)
+    median = ordered[len(ordered) // 2]
+    return [c for c in costs if c <= OUTLIER_FACTOR * median]
+
+
+def run_evaluator(rt_mod, device, evaluator_config, repeated_args) -> list[float]:
+    """MetaSchedule's evaluator (``runner.utils.run_evaluator_common``), outliers dropped
+    (:func:`robust_times`): the runners' ``f_run_evaluator``, for candidates and defaults alike."""
+    from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
+
+    return robust_times(run_evaluator_common(rt_mod, device, evaluator_config, repeated_args))
+
+
 def evaluator_config(target) -> "ms.runner.EvaluatorConfig":
     """The runner's timing settings for ``target`` (see :data:`MEASUREMENT`); GPUs keep
     MetaSchedule's defaults (the flush is a CPU cache instruction)."""
@@ -184,10 +207,20 @@ class PersistentBuilder(ms.builder.PyBuilder):
 
     def warm_up(self) -> None:
         """Start the worker processes now, without waiting for them: their start-up (importing TVM and
-        Kiln's lowerings, 10-30 s on this machine) then overlaps the caller's work (measuring the default
-        schedules, the first batch's search) instead of delaying the first build."""
+        Kiln's lowerings, 10-30 s on this machine) then overlaps the caller's work that is not timed
+        (importing and lowering the model) instead of delaying the first build."""
         pool = self._get_pool()
         self._warming = [pool.submit(_noop) for _ in range(self.max_workers)]
+
+    def wait_warm(self) -> None:
+        """Block until the workers started by :meth:`warm_up` are up: nothing may compete for the cores
+        while something is timed (their start-up made ResNet-18's default schedules measure 1.3x slow)."""
+        for future in getattr(self, "_warming", []):
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - a worker that failed to start is replaced at the first build
+                pass
+        self._warming = []
 
     def build(self, build_inputs):
         from tvm.support.popen_pool import StatusKind
@@ -273,7 +306,7 @@ class Searcher:
         if builder is None:
             self.builder.warm_up()
         self.runner = runner if runner is not None else ms.runner.LocalRunner(
-            timeout_sec=RUN_TIMEOUT_S, evaluator_config=evaluator_config(target))
+            timeout_sec=RUN_TIMEOUT_S, evaluator_config=evaluator_config(target), f_run_evaluator=run_evaluator)
         self.cost_model = ms.cost_model.XGBModel(num_tuning_cores=self.num_threads, tree_method="auto")
         #: True when the cost model was warm-started from a saved one.
         self.warm_started = False
@@ -322,6 +355,8 @@ class Searcher:
         built and time it with the runner that times candidates, so the figures compare; return the
         ``TuningRecord`` of each (with its workload committed to ``database``), not yet committed."""
         schs, results = [], []
+        if hasattr(self.builder, "wait_warm"):  # timings need quiet cores
+            self.builder.wait_warm()
         for task in tasks:
             try:
                 sch = default_schedule(task, desc)
