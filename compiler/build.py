@@ -141,10 +141,10 @@ def module_metadata(imported: ImportedModel, desc: TargetDescription, kernels) -
 def compile_model(model, target="x86", *, example_inputs=None, input_shapes=None, input_dtypes=None,
                   tuning_logs=None, precision="fp32", calibration=None) -> CompiledModule:
     """See :func:`compiler.compile`."""
-    from . import cuda, quantize
+    from . import cuda, precision as precisions, quantize
 
     desc = resolve_target(target)
-    cuda.check_precision(precision, desc)
+    precisions.check_precision(precision, desc)
     quantize.check_calibration(precision, calibration)  # before any work
     if desc.family == "cuda":
         cuda.check_nvcc(desc.name)  # before any work: a missing nvcc is a clear TargetError
@@ -162,7 +162,7 @@ def compile_model(model, target="x86", *, example_inputs=None, input_shapes=None
     t0 = time.perf_counter()
     imported = import_model(model, example_inputs=example_inputs, input_shapes=input_shapes,
                             input_dtypes=input_dtypes)
-    prepared = cuda.mixed_precision(pipeline.prepare(imported.mod, desc), precision)
+    prepared = precisions.mixed_precision(pipeline.prepare(imported.mod, desc), precision)
     quant = None
     if precision == "int8":  # post-training static quantization (compiler/quantize.py)
         log.warning("precision='int8' on %s: the weights shrink 4x and the outputs stay within the stated "

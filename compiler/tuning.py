@@ -13,6 +13,7 @@ seeds from the best records, starts from it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -259,6 +260,10 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
             log_dir = Path(log_dir) / EMULATED_SUBDIR
             log.warning("records measured on emulated devices go to %s, apart from real boards' logs "
                         "(compile with tuning_logs=%s to use them, for correctness checks)", log_dir, log_dir)
+    elif desc.family == "cuda" and buildable(desc) and desc.is_cross:
+        raise TargetError(f"target {desc.name!r} (NVIDIA {desc.arch}) is tuned on a machine with that GPU, and this "
+                          "one has none usable (no NVIDIA driver, or tvm.cuda(0) does not exist): run the same "
+                          "`kiln tune` there, then compile anywhere with its logs (--tuning-logs DIR)")
     elif not buildable(desc) or desc.is_cross:
         raise TargetError(f"target {desc.name!r} ({desc.family}) cannot be tuned on this machine: its kernels "
                           "must be measured on the device. The x86 targets tune here; ARM targets through an RPC "
@@ -302,10 +307,17 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
     _use_all_cores()
     searcher = None  # started when something must be measured: a finished run starts no workers
     cost_model_path = str(logs.work / logs_db.COST_MODEL_FILE)
+    # CUDA: candidates embed nvcc-compiled device code, as compile's builds do (compiler/cuda.py); the
+    # build workers inherit the environment, so it is set before they start and kept until they stop.
+    gpu_env = contextlib.ExitStack()
 
     def start_searcher():
         nonlocal searcher
         if searcher is None:
+            if desc.family == "cuda":
+                from . import cuda
+
+                gpu_env.enter_context(cuda.build_environment(desc.name))
             parts = {} if rpc_tracker is None else remote.tuning_parts(rpc_tracker, rpc_key, desc)
             searcher = search.Searcher(tvm_target, desc.cores, str(logs.work), cost_model=cost_model_path, **parts)
         return searcher
@@ -473,6 +485,7 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
             if ran_any():
                 searcher.save_cost_model(cost_model_path)
             searcher.close()
+        gpu_env.close()
         task_logger.removeHandler(handler)
         handler.close()
         ms_logger.setLevel(ms_level)

@@ -176,6 +176,10 @@ def _build_worker(mod, target, params, link=None):
     from tvm.support import cc
     from tvm.support.tar import tar
 
+    if target.kind.name == "cuda":  # keep nvcc-compiled device code (compiler/cuda.py)
+        from compiler.cuda import enable_device_codegen
+
+        enable_device_codegen(str(target.attrs.get("arch", "cuda")))
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
     rt_mod = tvm_build(mod, target=target)
     fcompile = tar if link is None else cc.cross_compiler(link, options=[]) if link else cc.create_shared
@@ -252,13 +256,16 @@ def default_schedule(task: Task, desc):
     does to the kernel, rule for rule."""
     from tvm import s_tir
 
-    if desc.family not in ("x86", "arm"):
+    if desc.family in ("x86", "arm"):
+        from schedules import x86 as family
+    elif desc.family == "cuda":  # DLight's GPU rules and Kiln's (schedules/cuda)
+        from schedules import cuda as family
+    else:
         return None
-    from schedules import x86
 
     func = task.mod["main"]
     with desc.to_tvm() as target:
-        for rule in x86.rules():
+        for rule in family.rules():
             space = rule.apply(func, target, False)
             if space is None:
                 continue
@@ -272,6 +279,18 @@ def _device_type(target) -> str:
     """The runner's device name for ``target`` (what MetaSchedule's task scheduler passes it)."""
     kind = str(target.kind.name)
     return {"llvm": "cpu", "c": "cpu"}.get(kind, kind)
+
+
+def space_generator(target):
+    """The design spaces searched for a task: MetaSchedule's rules (``post-order-apply``), plus on CPU
+    targets Kiln's tunable templates (``schedules.x86.design_space``: its convolution schedule with the
+    register tile as tunable decisions)."""
+    if str(target.kind.name) != "llvm":
+        return "post-order-apply"
+    from schedules import x86
+
+    return ms.space_generator.SpaceGeneratorUnion(
+        [ms.space_generator.PostOrderApply(), ms.space_generator.ScheduleFn(x86.design_space(target))])
 
 
 @dataclass
@@ -394,7 +413,7 @@ class Searcher:
         ctx = ms.TuneContext(
             mod=task.mod,
             target=self.target,
-            space_generator="post-order-apply",
+            space_generator=space_generator(self.target),
             search_strategy=ms.search_strategy.EvolutionarySearch(
                 population_size=population_size(trials), init_min_unmeasured=min(50, population_size(trials) // 2)),
             task_name=task.name,

@@ -241,3 +241,69 @@ def test_module_for_other_gpu_is_refused(tmp_path):
         compiler.load(path)
     assert np.isfinite(compiler.load(compiler.compile(model, target=target, example_inputs=inputs)
                                      .export(tmp_path / "ok.so"))(*numpy_inputs(inputs))).all()
+
+
+# -- tuning -------------------------------------------------------------------------------------
+def _gpu_tasks(target: str, model: str = "tiny_cnn"):
+    from compiler import pipeline
+    from compiler.build import import_model
+    from schedules import search
+
+    desc = targets.get(target)
+    fused, _ = pipeline.fuse(pipeline.prepare(import_model(f"zoo:{model}").mod, desc), desc)
+    return desc, search.extract_tasks(fused, desc.to_tvm())
+
+
+def test_gpu_tuning_refused_clearly_without_a_gpu(tmp_path):
+    if cuda.has_gpu():
+        pytest.skip("this machine has a GPU: test_tune_on_gpu runs instead")
+    with pytest.raises(TargetError, match=r"'h100'.*machine with that GPU.*kiln tune") as err:
+        compiler.tune("zoo:tiny_cnn", "h100", trials=2, log_dir=tmp_path / "logs")
+    assert not (tmp_path / "logs").exists()  # refused before anything is written
+    assert "--tuning-logs" in str(err.value)
+
+
+@needs_nvcc
+def test_gpu_tuning_candidates_build_with_device_code(tmp_path):
+    """The half of ``tune(target="h100")`` that runs on the build machine: every task's default
+    schedule (DLight / Kiln's GPU rules, measured as a record like the CPU defaults) and MetaSchedule's
+    candidates from its CUDA design space build in the tuner's build worker, as linked .so files (what
+    an RPC device or the local runner loads) carrying SASS for sm_90."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from schedules import search
+
+    desc, tasks = _gpu_tasks("h100")
+    target = desc.to_tvm()
+    conv = next(t for t in tasks if "conv2d" in t.name)
+    with cuda.build_environment(desc.name):
+        for task in tasks:
+            sch = search.default_schedule(task, desc)
+            assert sch is not None, f"{task.name}: no default GPU schedule"
+        ctx = ms.TuneContext(mod=conv.mod, target=target, space_generator="post-order-apply",
+                             search_strategy=ms.search_strategy.ReplayTrace(), task_name=conv.name,
+                             rand_state=1, num_threads=1).clone()
+        ctx.pre_tuning(max_trials=2, num_trials_per_iter=2,
+                       design_spaces=ctx.space_generator.generate_design_space(ctx.mod))
+        candidates = ctx.generate_measure_candidates()
+        assert candidates, "MetaSchedule produced no CUDA candidate"
+        mods = [search.default_schedule(conv, desc).mod] + [c.sch.mod for c in candidates[:1]]
+        for mod in mods:
+            path = search._build_worker(mod, target, None, "")
+            assert cuda.device_archs(path) == {"sm_90"}, path
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@needs_gpu
+def test_tune_on_gpu(tmp_path):
+    """On a GPU machine: a short tuning run for this GPU, then the tuned build matches PyTorch and
+    applies a record to every kernel."""
+    target = _target_for_this_gpu()
+    model, inputs = zoo_model("tiny_cnn")
+    report = compiler.tune(model, target, example_inputs=inputs, trials=8, log_dir=tmp_path / "logs")
+    assert report.total_trials == 8 and all(t.best_ms is not None for t in report.tasks)
+    mod = compiler.compile(model, target=target, example_inputs=inputs, tuning_logs=tmp_path / "logs")
+    assert mod.meta["untuned_kernels"] == []
+    assert_close(mod(*numpy_inputs(inputs)), run_torch(model, inputs), 1e-3, 1e-3, "tuned tiny_cnn on GPU")
+    print(report)

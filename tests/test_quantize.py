@@ -81,19 +81,19 @@ def test_calibration_without_int8_is_refused():
     ("h100", "int8", ("fp32", "fp16")),
 ])
 def test_unsupported_precision_names_the_valid_choices(target, precision, choices):
-    from compiler import cuda
+    from compiler import precision as precisions
 
     with pytest.raises(KilnError) as err:
-        cuda.check_precision(precision, targets.get(target))
+        precisions.check_precision(precision, targets.get(target))
     msg = str(err.value)
     assert repr(precision) in msg and all(c in msg for c in choices), msg
 
 
 def test_int8_is_accepted_on_cpu_and_mcu_targets():
-    from compiler import cuda
+    from compiler import precision as precisions
 
     for name in ("x86", "rpi4", "cortex-m3", "cortex-m4", "cortex-m55"):
-        cuda.check_precision("int8", targets.get(name))
+        precisions.check_precision("int8", targets.get(name))
 
 
 # -- the rewrite, on x86 -----------------------------------------------------------------------------

@@ -584,6 +584,50 @@ def test_tiny_cnn_tuned_convolutions_never_slower_than_defaults(tmp_path):
     assert with_logs.median_ms <= 1.3 * without.median_ms + 0.02, (with_logs, without)
 
 
+def test_kiln_conv_template_is_searched_and_every_sample_is_correct():
+    """The search space of a convolution task holds Kiln's own template (its register tile as tunable
+    decisions) next to MetaSchedule's rules; candidates sampled from it, with the tile sizes the sampler
+    drew, build and compute what the default schedule computes."""
+    import numpy as np
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from compiler import pipeline
+    from compiler.build import import_model
+    from schedules import search
+
+    desc = _host()
+    target = desc.to_tvm()
+    fused, _ = pipeline.fuse(pipeline.prepare(import_model("zoo:tiny_cnn").mod, desc), desc)
+    task = next(t for t in search.extract_tasks(fused, target) if t.name.startswith("fused_conv2d2"))
+    ctx = ms.TuneContext(mod=task.mod, target=target, space_generator=search.space_generator(target),
+                         search_strategy=ms.search_strategy.ReplayTrace(), task_name=task.name, rand_state=7,
+                         num_threads=1).clone()
+    spaces = ctx.space_generator.generate_design_space(ctx.mod)
+    kinds = [[inst.kind.name for inst in sp.trace.insts] for sp in spaces]
+    kiln = [sp for sp, k in zip(spaces, kinds) if "SamplePerfectTile" not in k and k.count("SampleCategorical") == 2]
+    assert len(kiln) == 1 and len(spaces) > 1, f"Kiln's template and MetaSchedule's spaces: {kinds}"
+    ctx.pre_tuning(max_trials=24, num_trials_per_iter=24, design_spaces=kiln)
+    candidates = ctx.generate_measure_candidates()
+    tiles = {tuple(int(v) for v in c.sch.trace.decisions.values()) for c in candidates}
+    assert len(tiles) >= 3, f"the sampler should draw several register tiles, drew {tiles}"
+
+    def run(mod):  # the weights' repack (if any) stays in the kernel: every variant takes HWIO weights
+        info = ms.arg_info.ArgInfo.from_entry_func(mod, remove_preproc=False)
+        lib = tvm.compile(mod, target=target).mod
+        rng = np.random.default_rng(0)
+        args = [tvm.runtime.tensor(rng.standard_normal([int(d) for d in a.shape]).astype(str(a.dtype)))
+                for a in info]
+        lib["main"](*args)
+        return args[-1].numpy()
+
+    want = run(task.mod)  # unscheduled
+    assert np.allclose(run(search.default_schedule(task, desc).mod), want, rtol=1e-4, atol=1e-4)
+    for cand in candidates[:4]:
+        got = run(cand.sch.mod)
+        assert np.allclose(got, want, rtol=1e-4, atol=1e-4), cand.sch.trace.decisions
+
+
 # ---------------------------------------------------------------- task scheduler, early stopping, progress
 
 

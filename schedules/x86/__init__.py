@@ -27,3 +27,18 @@ def rules() -> list:
         elementwise.Elementwise(),
         elementwise.Fallback(),
     ]
+
+
+def design_space(target):
+    """Kiln's tunable templates as a MetaSchedule ``ScheduleFn`` body for ``target``: the task's
+    schedule -> a list of design spaces (empty when no template applies). The tuner searches them
+    next to MetaSchedule's own rules (``schedules.search.Searcher``)."""
+    from . import conv
+
+    rule = conv.Conv2D()
+
+    def space(sch):
+        out = rule.design_space(sch, target)
+        return [out] if out is not None else []
+
+    return space

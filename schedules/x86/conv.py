@@ -405,13 +405,40 @@ class Conv2D(ScheduleRule):
         if target is None or target.kind.name != "llvm":
             return None
         try:
-            return self._apply(func, target)
+            return self._apply(func, target, tunable=tunable)
         except Exception:  # a schedule primitive refused: leave the kernel to other rules
             return None
 
+    def design_space(self, sch: s_tir.Schedule, target: Target) -> s_tir.Schedule | None:
+        """The tunable template on a copy of ``sch`` (a MetaSchedule design space of the task), or None
+        when the kernel is not a convolution this rule takes."""
+        try:
+            return self._apply(sch.mod["main"], target, tunable=True, sch=sch.copy())
+        except Exception:  # noqa: BLE001 - not ours
+            return None
+
     # -- implementation ---------------------------------------------------------------------
-    def _apply(self, func: tirx.PrimFunc, target: Target):
-        sch = s_tir.Schedule(func)
+    @staticmethod
+    def _sample_tile(sch: s_tir.Schedule, ow: int, vec_blocks: int, regs: int, R: int, V: int):
+        """Tunable register tile: ``R`` (pixels, a divisor of the output width) and ``V`` (vectors) as
+        MetaSchedule categorical decisions, half the probability on the cost model's pick (R, V).
+        Returns (R, V) as schedule variables and the largest V candidate (the weights are packed for
+        it, so any sampled V reads whole, contiguous blocks)."""
+        v_cands = [v for v in (1, 2, 4) if vec_blocks % v == 0]
+        r_cands = [r for r in _divisors(ow) if r * v_cands[0] <= regs - 4][-8:]
+        if R not in r_cands:
+            r_cands.append(R)
+
+        def probs(cands, pick):
+            rest = 0.5 / (len(cands) - 1) if len(cands) > 1 else 0.0
+            return [0.5 + (0.5 if len(cands) == 1 else 0.0) if c == pick else rest for c in cands]
+
+        r_rv = sch.sample_categorical(candidates=r_cands, probs=probs(r_cands, R))
+        v_rv = sch.sample_categorical(candidates=v_cands, probs=probs(v_cands, V))
+        return r_rv, v_rv, max(v_cands)
+
+    def _apply(self, func: tirx.PrimFunc, target: Target, tunable: bool = False, sch: s_tir.Schedule | None = None):
+        sch = sch if sch is not None else s_tir.Schedule(func)
         root = sch.get_sblock("root")
         blocks = sch.get_child_blocks(root)
         conv = None
@@ -445,6 +472,9 @@ class Conv2D(ScheduleRule):
         L = lane_divisor(group_oc, lanes_native)
         vec_blocks = conv.oc // L
         R, V = choose_tile(conv.ow, vec_blocks, regs, conv.depthwise)
+        pack_v = V
+        if tunable:
+            R, V, pack_v = self._sample_tile(sch, conv.ow, vec_blocks, regs, R, V)
 
         # --- producers (padding) ---
         # depthwise convs are memory bound: a padded copy would double their traffic, so the pad
@@ -502,8 +532,8 @@ class Conv2D(ScheduleRule):
         sch.vectorize(fl)
         sch.decompose_reduction(conv.block, kh)
         weight_is_param = any(p.same_as(conv.weight) for p in func.params)
-        if PACK_WEIGHTS and weight_is_param and not conv.depthwise and conv.oc > V * L:
-            self._pack_weights(sch, conv, V * L)
+        if PACK_WEIGHTS and weight_is_param and not conv.depthwise and conv.oc > pack_v * L:
+            self._pack_weights(sch, conv, pack_v * L)
         return sch
 
     @staticmethod
