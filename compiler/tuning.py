@@ -322,9 +322,17 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
             searcher = search.Searcher(tvm_target, desc.cores, str(logs.work), cost_model=cost_model_path, **parts)
         return searcher
 
-    # Kiln's default schedule of every task not seen before becomes a record of it (see module doc).
+    # Kiln's default schedule of every task not seen before becomes a record of it (see module doc), and
+    # so does a new default schedule of a task seen before (Kiln's rules changed).
     known = logs.defaults
-    fresh = [i for i, k in enumerate(keys) if known.get(k, {}).get("kiln_version") != __version__]
+
+    def stale(i: int, key: str) -> bool:
+        entry = known.get(key)
+        if entry is None or entry.get("kiln_version") != __version__:
+            return True
+        return entry.get("trace") is not None and entry["trace"] != search.default_trace_key(tasks[i], desc)
+
+    fresh = [i for i, k in enumerate(keys) if stale(i, k)]
     if fresh:
         measured = start_searcher().measure_defaults([tasks[i] for i in fresh], desc, db)
         for i, m in zip(fresh, measured):

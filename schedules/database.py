@@ -202,12 +202,12 @@ class TuningLogs:
         """Measured trials per workload, keyed by the workload's structural hash (as a string).
         Records of Kiln's default schedules (named in ``defaults.json``) are not trials."""
         defaults = read_defaults(self.work)
-        default_keys = {h: d.get("trace") for h, d in defaults.items()}
+        default_keys = {h: {d.get("trace"), *d.get("previous", [])} - {None} for h, d in defaults.items()}
         hashes, records = read_db(self.work)
         counts = {h: 0 for h in hashes}
         for idx, rec in records:
             h = hashes[idx]
-            if default_keys.get(h) is not None and trace_key(rec[0]) == default_keys[h]:
+            if trace_key(rec[0]) in default_keys.get(h, ()):
                 continue
             counts[h] += 1
         return counts
@@ -218,11 +218,16 @@ class TuningLogs:
         return read_defaults(self.work)
 
     def set_default(self, workload_hash: str, ms: float | None, trace: str | None) -> None:
-        """Record the default schedule's latency (and the key of its record's trace) for a workload."""
+        """Record the default schedule's latency (and the key of its record's trace) for a workload; the
+        trace keys of its earlier defaults (Kiln's default schedule changed) are kept in ``previous``."""
         from compiler import __version__
 
         data = read_defaults(self.work)
-        data[workload_hash] = {"ms": ms, "trace": trace, "kiln_version": __version__}
+        old = data.get(workload_hash, {})
+        # earlier default schedules of the workload stay records of it, and are not trials either
+        previous = [t for t in [*old.get("previous", []), old.get("trace")] if t is not None and t != trace]
+        data[workload_hash] = {"ms": ms, "trace": trace, "kiln_version": __version__,
+                               **({"previous": previous} if previous else {})}
         write_json(self.work / DEFAULTS_FILE, {"format": 1, "workloads": data})
 
 

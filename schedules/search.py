@@ -181,7 +181,8 @@ def _build_worker(mod, target, params, link=None):
 
         enable_device_codegen(str(target.attrs.get("arch", "cuda")))
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    rt_mod = tvm_build(mod, target=target)
+    with target:  # nvcc reads the architecture from the current target
+        rt_mod = tvm_build(mod, target=target)
     fcompile = tar if link is None else cc.cross_compiler(link, options=[]) if link else cc.create_shared
     path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod." + ("so" if link is not None else tar.output_format))
     rt_mod.export_library(path, fcompile=fcompile)
@@ -273,6 +274,20 @@ def default_schedule(task: Task, desc):
                 return space
             return space[0] if len(space) == 1 else None
     return None
+
+
+def default_trace_key(task: Task, desc) -> str | None:
+    """``schedules.database.trace_key`` of the record :meth:`Searcher.measure_defaults` would store for
+    ``task`` now (None: no default rule applies), computed without building anything: when Kiln's
+    default schedule for a kernel changes, the tuner sees a new key and measures the new default."""
+    from schedules import database
+
+    sch = default_schedule(task, desc)
+    if sch is None:
+        return None
+    record = ms.database.TuningRecord(sch.trace, ms.database.Workload(task.mod), [1.0], desc.to_tvm(),
+                                      ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True))
+    return database.record_trace_key(record)
 
 
 def _device_type(target) -> str:

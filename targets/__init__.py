@@ -100,7 +100,11 @@ class TargetDescription:
             if self.triple:  # a GPU with its own host CPU (Jetson): the host code is cross-compiled
                 host = {"kind": "llvm", "mtriple": self.triple, **({"mcpu": self.cpu} if self.cpu else {}),
                         **({"mattr": list(self.llvm_mattr)} if self.llvm_mattr else {})}
-            return tvm.target.Target({"kind": "cuda", "arch": self.arch}, host=host)
+            # Limits every NVIDIA GPU from sm_75 on shares (TVM fills them in only when it can query a
+            # device): MetaSchedule's GPU rules need them to tune, DLight reads them too.
+            return tvm.target.Target({"kind": "cuda", "arch": self.arch, "max_threads_per_block": 1024,
+                                      "max_num_threads": 1024, "thread_warp_size": 32,
+                                      "max_shared_memory_per_block": 49152}, host=host)
         if self.kind == "c":
             return tvm.target.Target({"kind": "c", "mcpu": self.cpu} if self.cpu else {"kind": "c"})
         raise ValueError(f"target {self.name!r} has unknown kind {self.kind!r}")

@@ -233,6 +233,29 @@ def test_resume_with_budget_reached_measures_nothing(logs):
     assert (_work(logs) / "database_tuning_record.json").read_bytes() == before
 
 
+def test_a_changed_default_schedule_is_measured_again_and_is_no_trial(logs):
+    """When Kiln's default schedule of a kernel changes (its trace differs from the one recorded), the
+    next tuning run measures the new default and stores it as a record; the earlier default stays a
+    record of the kernel and neither counts as a trial."""
+    import compiler
+    from schedules import database
+
+    work = _work(logs)
+    data = json.loads((work / "defaults.json").read_text())
+    h, entry = sorted(data["workloads"].items())[0]
+    real = entry["trace"]
+    entry["trace"] = "0" * 40  # as if an earlier Kiln's default had been measured
+    (work / "defaults.json").write_text(json.dumps(data))
+    records_before = len(_lines(work / "database_tuning_record.json"))
+    report = compiler.tune("zoo:mlp", "x86", trials=TRIALS, log_dir=logs)
+    assert report.new_trials == 0 and report.total_trials == TRIALS
+    after = database.read_defaults(work)[h]
+    assert after["trace"] == real and after["previous"] == ["0" * 40]
+    assert len(_lines(work / "database_tuning_record.json")) == records_before + 1  # only that default
+    counts = database.open_logs(logs, _host(), create=False).record_counts()
+    assert sum(counts.values()) == TRIALS
+
+
 def test_time_budget_too_small_for_a_batch_stops_before_measuring(tmp_path):
     import compiler
 
