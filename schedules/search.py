@@ -77,6 +77,11 @@ def run_evaluator(rt_mod, device, evaluator_config, repeated_args) -> list[float
     return robust_times(run_evaluator_common(rt_mod, device, evaluator_config, repeated_args))
 
 
+def rpc_run_evaluator(session, rt_mod, device, evaluator_config, repeated_args) -> list[float]:
+    """:func:`run_evaluator` with the RPC runner's signature (a session first)."""
+    return run_evaluator(rt_mod, device, evaluator_config, repeated_args)
+
+
 def evaluator_config(target) -> "ms.runner.EvaluatorConfig":
     """The runner's timing settings for ``target`` (see :data:`MEASUREMENT`); GPUs keep
     MetaSchedule's defaults (the flush is a CPU cache instruction)."""

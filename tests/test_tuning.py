@@ -594,16 +594,19 @@ def test_tiny_cnn_tuned_convolutions_never_slower_than_defaults(tmp_path):
     tasks = search.extract_tasks(fused, desc.to_tvm())
     report = compiler.tune("zoo:tiny_cnn", "x86", trials=len(tasks), log_dir=tmp_path / "logs")
     assert all(t.best_ms <= t.default_ms for t in report.tasks)
-    db = open_tuning_logs(tmp_path / "logs", desc)
-    tuned_ex = _build(pipeline.schedule(fused, desc, db), desc)
-    default_ex = _build(pipeline.schedule(fused, desc), desc)
+    # kernel for kernel inside the two models (these kernels take microseconds: timed alone, with
+    # caches flushed before each call, they differ by more than they do in a model)
+    tuned_mod = compiler.compile("zoo:tiny_cnn", "x86", tuning_logs=tmp_path / "logs")
+    default_mod = compiler.compile("zoo:tiny_cnn", "x86", tuning_logs=False)
+    tuned = {k.name: k.ms for k in tuned_mod.profile(repeat=200).kernels}
+    default = {k.name: k.ms for k in default_mod.profile(repeat=200).kernels}
     for task in tasks:
         for kernel in task.kernels:
-            tuned = _kernel_ms(tuned_ex, kernel)
-            default = _kernel_ms(default_ex, kernel)
-            assert _near(tuned, default), f"{kernel}: tuned {tuned:.4f} ms, default {default:.4f} ms"
-    with_logs = compiler.compile("zoo:tiny_cnn", "x86", tuning_logs=tmp_path / "logs").benchmark(repeat=200)
-    without = compiler.compile("zoo:tiny_cnn", "x86").benchmark(repeat=200)
+            if kernel not in tuned and kernel not in default:
+                continue  # not a call in the VM (a reshape that became a view)
+            assert _near(tuned[kernel], default[kernel]), \
+                f"{kernel}: tuned {tuned[kernel]:.4f} ms, default {default[kernel]:.4f} ms"
+    with_logs, without = tuned_mod.benchmark(repeat=200), default_mod.benchmark(repeat=200)
     assert with_logs.median_ms <= 1.3 * without.median_ms + 0.02, (with_logs, without)
 
 
