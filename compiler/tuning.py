@@ -326,13 +326,13 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
     # so does a new default schedule of a task seen before (Kiln's rules changed).
     known = logs.defaults
 
-    def stale(i: int, key: str) -> bool:
+    def default_outdated(i: int, key: str) -> bool:
         entry = known.get(key)
         if entry is None or entry.get("kiln_version") != __version__:
             return True
         return entry.get("trace") is not None and entry["trace"] != search.default_trace_key(tasks[i], desc)
 
-    fresh = [i for i, k in enumerate(keys) if stale(i, k)]
+    fresh = [i for i, k in enumerate(keys) if default_outdated(i, k)]
     if fresh:
         measured = start_searcher().measure_defaults([tasks[i] for i in fresh], desc, db)
         for i, m in zip(fresh, measured):
