@@ -45,15 +45,13 @@ BUILDER_WORKER_USES = 64
 #: ``cold-weights-1``: on CPUs each timed call runs once after flushing every argument but the first
 #: (the input activation) from the caches: MetaSchedule's ``enable_cpu_cache_flush``. In a model the
 #: weights of a kernel were last touched one inference ago and come from DRAM/L3, so a hot-cache
-#: timing (MetaSchedule's default; logs that record no protocol were timed so: ``hot``) made ResNet-18's 7x7x512
-#: convolutions look 1.6x faster than they run in the model (0.77 vs 1.25 ms) and steered the
-#: search to schedules that only win with hot caches. Flushed timings match the in-model profile
+#: timing (MetaSchedule's default; logs that record no protocol were timed so: ``hot``) made
+#: ResNet-18's 7x7x512 convolutions look 1.6x faster than they run in the model (0.77 vs 1.25 ms)
+#: and steered the search to schedules that only win with hot caches. Flushed timings match the in-model profile
 #: (``CompiledModule.profile``) within a few percent, kernel for kernel.
 MEASUREMENT = "cold-weights-1"
 #: Timed calls per candidate under :data:`MEASUREMENT` (each one call, caches flushed before it).
 MEASURE_REPEAT = 10
-
-
 #: A timed call slower than this many times the median of its candidate's calls is dropped as an
 #: outlier (a page fault, a thread pool waking, the machine's other work): MetaSchedule ranks records by
 #: the mean of their times, which one 2x outlier in ten moves by 10 %.
@@ -89,6 +87,8 @@ def evaluator_config(target) -> "ms.runner.EvaluatorConfig":
         return ms.runner.EvaluatorConfig(number=1, repeat=MEASURE_REPEAT, min_repeat_ms=0,
                                          enable_cpu_cache_flush=True)
     return ms.runner.EvaluatorConfig()
+
+
 #: Evolutionary search population per batch: 32 candidates per trial (Ansor's ratio: 2048 for 64
 #: measurements), at least 64, at most MetaSchedule's 512 (its default, sized for batches of 64). Every
 #: batch samples and evolves a whole population, about 12 s for 512 on this 2-core machine whatever the
@@ -205,6 +205,7 @@ class PersistentBuilder(ms.builder.PyBuilder):
         self.timeout_sec = timeout_sec
         self.link = link  # see _build_worker: None = tar for the local runner, else a .so linked here
         self._pool = None
+        self._warming = []  # futures of the workers warm_up started
 
     def _get_pool(self):
         from tvm.support.popen_pool import PopenPoolExecutor
@@ -225,7 +226,7 @@ class PersistentBuilder(ms.builder.PyBuilder):
     def wait_warm(self) -> None:
         """Block until the workers started by :meth:`warm_up` are up: nothing may compete for the cores
         while something is timed (their start-up made ResNet-18's default schedules measure 1.3x slow)."""
-        for future in getattr(self, "_warming", []):
+        for future in self._warming:
             try:
                 future.result()
             except Exception:  # noqa: BLE001 - a worker that failed to start is replaced at the first build
