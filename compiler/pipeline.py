@@ -48,13 +48,17 @@ def fuse(mod: tvm.IRModule, target: TargetDescription) -> tuple[tvm.IRModule, di
 
     Returns the fused module (its PrimFuncs are the kernels that tuning and default schedules work
     on) and, for each fused kernel, the names of the operators it fuses."""
+    from . import winograd
     from .analysis import fused_groups
 
     with target.to_tvm():
+        if target.winograd:  # before lowering, so tuning and compiling see the same kernels
+            mod = winograd.WinogradConv(mod)
         grouped = tvm.transform.Sequential(
             [
                 relax.transform.LegalizeOps(),
                 relax.transform.AnnotateTIROpPattern(),
+                winograd.MarkTransformPatterns,
                 relax.transform.FoldConstant(),
                 relax.transform.FuseOps(),
             ],

@@ -54,6 +54,7 @@ class TargetDescription:
     remote: str = "local"  # how to reach a device: "local", "rpc", "qemu-aarch64", "qemu-system-arm"
     machine: str = ""  # qemu-system-arm board that emulates it (microcontrollers): "mps2-an386", ...
     host: bool = False  # completed from the machine Kiln runs on
+    winograd: bool = False  # 3x3 stride-1 convolutions as Winograd F(m, 3) (compiler/winograd.py)
     aliases: tuple[str, ...] = ()
     llvm_mattr: tuple[str, ...] = field(default=(), repr=False)
 

@@ -2,6 +2,7 @@
 
 Rules are tried in order for each fused PrimFunc; the first that returns a schedule wins.
 
+* ``winograd``    — the input/output transforms of Winograd convolutions (``compiler.winograd``)
 * ``conv``        — conv2d (regular, strided, 1x1, grouped, depthwise) with fused epilogues
 * ``pool``        — max/avg pooling, adaptive pooling
 * ``matmul``      — dense / matmul / batched matmul with fused epilogues
@@ -17,9 +18,10 @@ from .conv import PREFERRED_LAYOUTS  # noqa: F401  (re-exported for schedules.pr
 
 def rules() -> list:
     """The x86 rules, most specific first."""
-    from . import conv, elementwise, matmul, pool, reduction
+    from . import conv, elementwise, matmul, pool, reduction, winograd
 
     return [
+        winograd.WinogradTransform(),
         conv.Conv2D(),
         pool.Pool(),
         matmul.Matmul(),

@@ -1,0 +1,101 @@
+"""x86 default schedule for the Winograd transforms (``compiler.winograd``).
+
+The transforms select one of their ``A*A`` (input) or ``m*m`` (output) cases per element with a
+chain of ``Select`` on the case index. The schedule unrolls that index inside a vector of channels,
+so after unrolling every case is straight-line vector code with its constant coefficients (the
+Selects fold away) and LLVM shares the row transform between the cases of a tile:
+
+* input  ``V[k, p, c]``:    ``p`` (tiles, parallel), ``c / L``, ``k`` (unrolled), ``c % L`` (vector)
+* output ``y[n, h, w, k]``: ``n*th*tw`` tiles (parallel), ``k / L``, ``a``, ``b`` (unrolled),
+  ``k % L`` (vector); ``h = ty*m + a``, ``w = tx*m + b``. The convolution's epilogue (bias, ReLU,
+  residual add), fused into the output kernel by FuseOps, is inlined into the transform.
+
+Kernels without a ``winograd_input``/``winograd_output`` block are declined.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir
+
+from .conv import lane_divisor, vector_lanes
+from .elementwise import GuardedRule, schedule_spatial_block
+
+
+def _find(sch: s_tir.Schedule, prefix: str):
+    """The block whose name starts with ``prefix`` and its name (None, None when there is none)."""
+    for block in sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []:
+        name = sch.get(block).name_hint
+        if name.startswith(prefix):
+            return block, name
+    return None, None
+
+
+def _has_root(sch: s_tir.Schedule) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # pylint: disable=broad-except
+        return False
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+class WinogradTransform(GuardedRule):
+    """Schedules the input and output transform kernels of Winograd convolutions (block names
+    ``winograd_input_m{m}`` and ``winograd_output_m{m}``, set by ``compiler.winograd``)."""
+
+    def _apply(self, func, target):
+        sch = s_tir.Schedule(func)
+        lanes = vector_lanes(target)
+        block, _ = _find(sch, "winograd_input")
+        if block is not None:
+            return self._input(sch, block, lanes)
+        block, name = _find(sch, "winograd_output_m")
+        if block is not None:
+            return self._output(sch, block, target, lanes, int(name[len("winograd_output_m"):]))
+        return None
+
+    @staticmethod
+    def _input(sch, block, lanes):
+        for producer in sch.get_producers(block):  # nothing fuses in (opaque), but be safe
+            sch.compute_inline(producer)
+        k, p, c = sch.get_loops(block)
+        co, ci = sch.split(c, [None, lane_divisor(_extent(sch, c), lanes)])
+        sch.reorder(p, co, k, ci)
+        sch.parallel(p)
+        sch.unroll(k)
+        sch.vectorize(ci)
+        return sch
+
+    @staticmethod
+    def _output(sch, block, target, lanes, m):
+        # The convolution's epilogue (bias, ReLU, residual add), fused in by FuseOps: inlined into the
+        # transform so each output is stored once. What cannot be inlined (a layout transpose at the
+        # end of a model) stays a separate, parallel and vectorised loop nest.
+        leftover = []
+        for consumer in _blocks_after(sch, block):
+            try:
+                sch.reverse_compute_inline(consumer)
+            except Exception:  # pylint: disable=broad-except
+                leftover.append(consumer)
+        n, h, w, k = sch.get_loops(block)
+        ty, a = sch.split(h, [None, m])
+        tx, b = sch.split(w, [None, m])
+        ko, ki = sch.split(k, [None, lane_divisor(_extent(sch, k), lanes)])
+        sch.reorder(n, ty, tx, ko, a, b, ki)
+        sch.parallel(sch.fuse(n, ty, tx))
+        sch.unroll(a)
+        sch.unroll(b)
+        sch.vectorize(ki)
+        for other in leftover:
+            schedule_spatial_block(sch, other, target)
+        return sch
+
+
+def _blocks_after(sch: s_tir.Schedule, block) -> list:
+    """The root's blocks after ``block``, in order."""
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    return blocks[names.index(sch.get(block).name_hint) + 1:]
