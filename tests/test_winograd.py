@@ -68,7 +68,7 @@ class Mixed(nn.Module):
         x = torch.relu(self.stem(x))
         x = torch.relu(self.a(x)) + x
         x = torch.relu(self.b(x))
-        x = torch.relu(self.c(x))
+        x = nn.functional.silu(self.c(x))  # SiLU reads the conv output twice
         x = self.d(x)
         x = torch.relu(self.dw(x))
         x = torch.relu(self.e(x))
@@ -131,3 +131,26 @@ def test_transform_kernels_are_scheduled_by_kiln():
         text = scheduled[gv].script()
         for kind in ("T.parallel", "T.unroll", "T.vectorized"):
             assert kind in text, f"{gv.name_hint}: no {kind} loop"
+
+
+@pytest.mark.slow
+def test_tuned_winograd_kernels_get_their_records_and_match_pytorch(tmp_path):
+    """Tuning and compiling rewrite the same layers: each transform and GEMM kernel is a task, compile
+    applies a record to every kernel (none falls back to its default), and the tuned module matches
+    PyTorch. One trial per task."""
+    from compiler import pipeline
+    from compiler.build import import_model
+    from schedules import search
+
+    desc = targets.get("x86")
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    fused, _ = pipeline.fuse(pipeline.prepare(import_model(Mixed().eval(), example_inputs=(x,)).mod, desc), desc)
+    tasks = search.extract_tasks(fused, desc.to_tvm())
+    kernels = {k for t in tasks for k in t.kernels}
+    assert sum("winograd" in k for k in kernels) == 6 and sum(k.startswith("matmul") for k in kernels) == 3, kernels
+    report = compiler.tune(Mixed().eval(), "x86", example_inputs=(x,), trials=len(tasks), log_dir=tmp_path / "logs")
+    assert all(t.best_ms <= t.default_ms for t in report.tasks)
+    tuned = compiler.compile(Mixed().eval(), "x86", example_inputs=(x,), tuning_logs=tmp_path / "logs")
+    assert tuned.meta["untuned_kernels"] == [], tuned.meta["untuned_kernels"]
+    assert {k for k in tuned.meta["tuned_kernels"] if "winograd" in k or k.startswith("matmul")}, tuned.meta
+    assert_close(tuned.run(x.numpy()), run_torch(Mixed().eval(), (x,)), what="tuned")

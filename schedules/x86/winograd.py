@@ -74,6 +74,13 @@ class WinogradTransform(GuardedRule):
         # The convolution's epilogue (bias, ReLU, residual add), fused in by FuseOps: inlined into the
         # transform so each output is stored once. What cannot be inlined (a layout transpose at the
         # end of a model) stays a separate, parallel and vectorised loop nest.
+        # Intermediates first (inlined into their consumers: SiLU reads its input twice), then the
+        # last block into the transform.
+        for intermediate in _blocks_after(sch, block)[:-1]:
+            try:
+                sch.compute_inline(intermediate)
+            except Exception:  # pylint: disable=broad-except
+                pass
         leftover = []
         for consumer in _blocks_after(sch, block):
             try:
