@@ -130,8 +130,12 @@ class _Folder(relax.PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="kiln.FoldAffineIntoConv")
 def FoldAffineIntoConv(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (TVM pass naming)
     """Fold per-output-channel affine chains (bias, BatchNorm, scaling) into conv2d weights."""
-    folder = _Folder(mod)
+    return relax.transform.DeadCodeElimination()(mutate_functions(_Folder(mod), mod))
+
+
+def mutate_functions(mutator: relax.PyExprMutator, mod: tvm.IRModule) -> tvm.IRModule:
+    """Run ``mutator`` over every Relax function of ``mod``; the module its builder holds after."""
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
-            folder.builder_.update_func(gv, folder.visit_expr(func))
-    return relax.transform.DeadCodeElimination()(folder.builder_.get())
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()

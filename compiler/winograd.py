@@ -224,11 +224,11 @@ def MarkTransformPatterns(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N80
 @tvm.transform.module_pass(opt_level=0, name="kiln.WinogradConv")
 def WinogradConv(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (TVM pass naming)
     """Rewrite eligible NHWC/HWIO 3x3 stride-1 convolutions into Winograd F(m, 3) (see module doc)."""
+    from .graph_passes import mutate_functions
+
     rewriter = _Rewriter(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    rewritten = mutate_functions(rewriter, mod)
     if not rewriter.rewritten:
         return mod
-    mod = relax.transform.CanonicalizeBindings()(rewriter.builder_.get())  # no `y = lv` aliases: FuseOps stops at them
+    mod = relax.transform.CanonicalizeBindings()(rewritten)  # no `y = lv` aliases: FuseOps stops at them
     return relax.transform.DeadCodeElimination()(mod)
