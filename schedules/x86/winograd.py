@@ -8,7 +8,7 @@ Selects fold away) and LLVM shares the row transform between the cases of a tile
 * input  ``V[k, p, c]``:    ``p`` (tiles, parallel), ``c / L``, ``k`` (unrolled), ``c % L`` (vector)
 * output ``y[n, h, w, k]``: ``n*th*tw`` tiles (parallel), ``k / L``, ``a``, ``b`` (unrolled),
   ``k % L`` (vector); ``h = ty*m + a``, ``w = tx*m + b``. The convolution's epilogue (bias, ReLU,
-  SiLU, residual add), fused into the output kernel by FuseOps, runs on each tile right after it.
+  SiLU, residual add), fused into the output kernel by FuseOps, is inlined into the transform.
 
 Kernels without a ``winograd_input``/``winograd_output`` block are declined.
 """
@@ -63,17 +63,22 @@ class WinogradTransform(GuardedRule):
 
     @staticmethod
     def _output(sch, block, target, lanes, m):
-        # The convolution's epilogue (bias, ReLU/SiLU, residual add), fused in by FuseOps: its
-        # intermediates are inlined into its last block (SiLU reads its input twice), which runs on
-        # each output tile right after the transform (``reverse_compute_at``), while the tile is in
-        # registers/L1. Inlining it into the transform instead copies the transform's expression into
-        # every use of its value (SiLU: twice, plus the sigmoid polynomial). What cannot be attached (a
+        # The convolution's epilogue (bias, ReLU/SiLU, residual add), fused in by FuseOps, is inlined
+        # into the transform so each output is stored once: intermediates first (into their
+        # consumers: SiLU reads its input twice), then the last block. What cannot be inlined (a
         # layout transpose at the end of a model) stays a separate, parallel, vectorised loop nest.
+        # (Attaching the epilogue per tile with reverse_compute_at instead gave wrong YOLO outputs.)
         for intermediate in _blocks_after(sch, block)[:-1]:
             try:
                 sch.compute_inline(intermediate)
             except Exception:  # pylint: disable=broad-except
                 pass
+        leftover = []
+        for consumer in _blocks_after(sch, block):
+            try:
+                sch.reverse_compute_inline(consumer)
+            except Exception:  # pylint: disable=broad-except
+                leftover.append(consumer)
         n, h, w, k = sch.get_loops(block)
         ty, a = sch.split(h, [None, m])
         tx, b = sch.split(w, [None, m])
@@ -83,13 +88,6 @@ class WinogradTransform(GuardedRule):
         sch.unroll(a)
         sch.unroll(b)
         sch.vectorize(ki)
-        leftover = []
-        for consumer in _blocks_after(sch, block):
-            try:
-                sch.reverse_compute_at(consumer, ko)
-                sch.vectorize(sch.get_loops(consumer)[-1])
-            except Exception:  # pylint: disable=broad-except
-                leftover.append(consumer)
         for other in leftover:
             schedule_spatial_block(sch, other, target)
         return sch
