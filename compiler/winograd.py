@@ -116,18 +116,19 @@ def input_transform(x: te.Tensor, m: int, pad_top: int, pad_left: int, out_h: in
     n, h, w, c = (int(s) for s in x.shape)
     th, tw = out_h // m, out_w // m
 
-    def compute(k, p, ch):
+    def load(p, i, j, ch):
         b_ = p // (th * tw)
-        ty = p // tw % th
-        tx = p % tw
+        hi = p // tw % th * m + i - pad_top
+        wj = p % tw * m + j - pad_left
+        inside = tirx.all(hi >= 0, hi < h, wj >= 0, wj < w)
+        return tirx.if_then_else(inside, x[b_, hi, wj, ch], tirx.const(0.0, "float32"))
 
-        def d(i, j):
-            hi = ty * m + i - pad_top
-            wj = tx * m + j - pad_left
-            inside = tirx.all(hi >= 0, hi < h, wj >= 0, wj < w)
-            return tirx.if_then_else(inside, x[b_, hi, wj, ch], tirx.const(0.0, "float32"))
+    # the (zero-padded) input tiles: the schedule computes each in a small local buffer, so the
+    # unrolled transform below reads plain loads (no bounds checks in its expressions)
+    tile = te.compute((n * th * tw, alpha, alpha, c), load, name="winograd_tile")
 
-        ds = [[d(i, j) for j in range(alpha)] for i in range(alpha)]
+    def compute(k, p, ch):
+        ds = [[tile[p, i, j, ch] for j in range(alpha)] for i in range(alpha)]
         rows = [[_combine(bt[a], [ds[i][j] for i in range(alpha)]) for j in range(alpha)] for a in range(alpha)]
         cases = [_combine(bt[bb], rows[a]) for a in range(alpha) for bb in range(alpha)]
         return _select(k, cases)

@@ -56,7 +56,7 @@ class Mixed(nn.Module):
         self.a = nn.Conv2d(32, 32, 3, padding=1)               # 16x16: F(4, 3), residual add + ReLU fused
         self.b = nn.Conv2d(32, 48, 3, padding=1, stride=2)     # stride 2: direct
         self.c = nn.Conv2d(48, 48, 3, padding=1)               # 8x8: F(2, 3) (below MIN_F4_SIZE)
-        self.d = nn.Conv2d(48, 40, 3, padding=0)               # 8x8 -> 6x6, no padding: F(2, 3)
+        self.d = nn.Conv2d(96, 40, 3, padding=0)               # 8x8 -> 6x6, no padding: F(2, 3)
         self.dw = nn.Conv2d(40, 40, 3, padding=1, groups=40)   # depthwise: direct
         self.e = nn.Conv2d(40, 64, 3, padding=1, stride=2)     # 6x6 -> 3x3 stride 2: direct
         self.f = nn.Conv2d(64, 64, 3, padding=1)               # 3x3 map: direct (3 is odd)
@@ -68,7 +68,7 @@ class Mixed(nn.Module):
         x = torch.relu(self.stem(x))
         x = torch.relu(self.a(x)) + x
         x = torch.relu(self.b(x))
-        x = nn.functional.silu(self.c(x))  # SiLU reads the conv output twice
+        x = torch.cat([nn.functional.silu(self.c(x)), x], dim=1)  # SiLU reads the conv output twice; concat (YOLO's C2f)
         x = self.d(x)
         x = torch.relu(self.dw(x))
         x = torch.relu(self.e(x))

@@ -5,10 +5,12 @@ chain of ``Select`` on the case index. The schedule unrolls that index inside a 
 so after unrolling every case is straight-line vector code with its constant coefficients (the
 Selects fold away) and LLVM shares the row transform between the cases of a tile:
 
-* input  ``V[k, p, c]``:    ``p`` (tiles, parallel), ``c / L``, ``k`` (unrolled), ``c % L`` (vector)
+* input  ``V[k, p, c]``:    ``p`` (tiles, parallel), ``c / L``, ``k`` (unrolled), ``c % L`` (vector);
+  the zero-padded input tile ``[A, A, L]`` is copied into a local buffer under ``c / L`` first
 * output ``y[n, h, w, k]``: ``n*th*tw`` tiles (parallel), ``k / L``, ``a``, ``b`` (unrolled),
   ``k % L`` (vector); ``h = ty*m + a``, ``w = tx*m + b``. The convolution's epilogue (bias, ReLU,
-  SiLU, residual add), fused into the output kernel by FuseOps, is inlined into the transform.
+  SiLU, residual add), fused into the output kernel by FuseOps, runs on each tile as it is copied
+  out of a local buffer.
 
 Kernels without a ``winograd_input``/``winograd_output`` block are declined.
 """
@@ -51,30 +53,37 @@ class WinogradTransform(GuardedRule):
 
     @staticmethod
     def _input(sch, block, lanes):
-        for producer in sch.get_producers(block):  # nothing fuses in (opaque), but be safe
-            sch.compute_inline(producer)
+        tile, _ = _find(sch, "winograd_tile")
         k, p, c = sch.get_loops(block)
         co, ci = sch.split(c, [None, lane_divisor(_extent(sch, c), lanes)])
         sch.reorder(p, co, k, ci)
         sch.parallel(p)
         sch.unroll(k)
         sch.vectorize(ci)
+        if tile is not None:  # one (A, A, lanes) input tile, zero-padded, in a local buffer
+            sch.compute_at(tile, co)
+            sch.set_scope(tile, 0, "local")
+            sch.vectorize(sch.get_loops(tile)[-1])
         return sch
 
     @staticmethod
     def _output(sch, block, target, lanes, m):
-        # The convolution's epilogue (bias, ReLU/SiLU, residual add), fused in by FuseOps, is inlined
-        # into the transform so each output is stored once: intermediates first (into their
-        # consumers: SiLU reads its input twice), then the last block. What cannot be inlined (a
-        # layout transpose at the end of a model) stays a separate, parallel, vectorised loop nest.
-        # (Attaching the epilogue per tile with reverse_compute_at instead gave wrong YOLO outputs.)
+        # The transform writes each m x m x L output tile into a local buffer (``cache_write``); the
+        # copy out of it carries the convolution's epilogue (bias, ReLU/SiLU, residual add, fused in
+        # by FuseOps: intermediates inlined into the last block, which is inlined into the copy) and
+        # runs right after the tile (``reverse_compute_at``), so each output is stored once and the
+        # epilogue reads plain loads. (Inlined into the transform itself, every use of its value in
+        # the epilogue copied the whole transform expression: SiLU uses it twice, and TIR's CSE
+        # spent a minute on YOLO.) What cannot be inlined (a transpose or concat at the end of a
+        # model) stays a separate, parallel, vectorised loop nest.
         for intermediate in _blocks_after(sch, block)[:-1]:
             try:
                 sch.compute_inline(intermediate)
             except Exception:  # pylint: disable=broad-except
                 pass
+        copy = sch.cache_write(block, 0, "local")
         leftover = []
-        for consumer in _blocks_after(sch, block):
+        for consumer in _blocks_after(sch, copy):
             try:
                 sch.reverse_compute_inline(consumer)
             except Exception:  # pylint: disable=broad-except
@@ -88,6 +97,8 @@ class WinogradTransform(GuardedRule):
         sch.unroll(a)
         sch.unroll(b)
         sch.vectorize(ki)
+        sch.reverse_compute_at(copy, ko)
+        sch.vectorize(sch.get_loops(copy)[-1])
         for other in leftover:
             schedule_spatial_block(sch, other, target)
         return sch
