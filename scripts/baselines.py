@@ -26,6 +26,25 @@ def median_ms(fn, repeat: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def interleaved_ms(fns: dict, repeat: int, rounds: int = 5, warmup: int = 3) -> dict:
+    """Median latency (ms) of each function in ``fns``, timed in ``rounds`` alternating rounds of
+    ``repeat / rounds`` calls each, so that a stretch of contention on a shared machine (seen here:
+    ONNX Runtime's own ResNet-18 time moved 11.6 -> 15.6 ms between runs) falls on every engine
+    rather than on whichever ran during it."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    per_round = max(1, repeat // rounds)
+    times: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def torch_ms(model, inputs, repeat: int, threads: int) -> float:
     torch.set_num_threads(threads)
     with torch.no_grad():

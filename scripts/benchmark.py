@@ -3,7 +3,9 @@
 
 For each model: compile time, then batch-1 latency (median) of Kiln, ONNX Runtime (same thread
 count) and PyTorch eager, and the ratios Kiln/ORT and Kiln/PyTorch. Prints a Markdown table (and
-writes it with --out). Ratios are what to compare between machines; absolute times are noisy.
+writes it with --out). The three engines are timed in alternating rounds (``baselines.interleaved_ms``),
+so contention from other jobs on a shared machine falls on all of them. Ratios are what to compare
+between machines; absolute times are noisy.
 
     python scripts/benchmark.py [--models resnet18,yolo,mobilenetv2,bert] [--repeat 30] [--out bench.md]
 """
@@ -38,10 +40,18 @@ def bench_model(name: str, repeat: int, threads: int) -> dict:
     ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).detach().numpy()
     out = out[0] if isinstance(out, tuple) else out
     rel_err = float(np.max(np.abs(out - ref)) / (np.max(np.abs(ref)) + 1e-12))
-    kiln = mod.benchmark(*arrays, repeat=repeat).median_ms
-    ort = baselines.ort_ms(model, inputs, repeat, threads)
-    pt = baselines.torch_ms(model, inputs, repeat, threads)
-    return {"model": name, "compile_s": compile_s, "kiln": kiln, "ort": ort, "torch": pt, "err": rel_err}
+    import torch
+
+    sess, feed, _ = baselines.onnx_session(model, inputs, threads)
+    torch.set_num_threads(threads)
+
+    def torch_run():
+        with torch.no_grad():
+            model(*inputs)
+
+    ms = baselines.interleaved_ms({"kiln": lambda: mod.run(*arrays), "ort": lambda: sess.run(None, feed),
+                                   "torch": torch_run}, repeat)
+    return {"model": name, "compile_s": compile_s, **ms, "err": rel_err}
 
 
 def table(rows: list[dict], threads: int) -> str:
