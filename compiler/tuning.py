@@ -413,7 +413,8 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
         known_ms = [v for v in best + defaults if v is not None]
         return best[i] if best[i] is not None else defaults[i] if defaults[i] is not None else max(known_ms or [1.0])
 
-    states = [TaskState(t.weight, done[i], [latency(i)], cap, warm=done[i] >= ROUND_TRIALS)
+    fixed = [not search.searchable(t) for t in tasks]  # default schedule only: never picked, already "warm"
+    states = [TaskState(t.weight, done[i], [latency(i)], 0 if fixed[i] else cap, warm=fixed[i] or done[i] >= ROUND_TRIALS)
               for i, t in enumerate(tasks)]
     default_est = estimate(defaults)
     trajectory = progress_path(logs.work, name)

@@ -113,6 +113,22 @@ class Task:
     kernels: tuple[str, ...]
 
 
+#: Kernels with these blocks keep Kiln's default schedule and are not searched: MetaSchedule's rules do
+#: not unroll the Winograd transforms' case loops, so their candidates took minutes of TIR passes to
+#: build (ResNet-18: 28 trials in 13 minutes) and run a Select chain per element.
+FIXED_SCHEDULE_BLOCKS = ("winograd_tile", "winograd_input", "winograd_output")
+
+
+def searchable(task: Task) -> bool:
+    """False for a task whose kernel keeps Kiln's default schedule (:data:`FIXED_SCHEDULE_BLOCKS`);
+    its default is still measured and recorded, so compile applies it like any record."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(task.mod)
+    names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    return not any(n.startswith(FIXED_SCHEDULE_BLOCKS) for n in names)
+
+
 def normalize(func: tvm.tirx.PrimFunc) -> tvm.IRModule:
     """The IRModule MetaSchedule keys a PrimFunc's records by (what ``MetaScheduleApplyDatabase`` queries)."""
     return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
