@@ -9,7 +9,7 @@ multiplies. Winograd's minimal filtering F(m x m, 3 x 3) computes an ``m x m`` o
 2.25x fewer for F(2, 3), 4x fewer for F(4, 3) (Lavin & Gray, 2015). ONNX Runtime's CPU provider does
 not use it for float convolutions.
 
-How (Relax level, in ``pipeline.prepare`` after the NHWC/HWIO layout conversion)::
+How (Relax level, at the start of ``pipeline.fuse``, after ``prepare`` converted layouts to NHWC/HWIO)::
 
     conv2d(x[N,H,W,C], w[3,3,C,K])  ->  V = input_transform(x)        [A*A, P, C]   (A = m+2, P tiles)
                                         M = matmul(V, U)              [A*A, P, K]   U = G w G^T, a constant
@@ -22,8 +22,8 @@ How (Relax level, in ``pipeline.prepare`` after the NHWC/HWIO layout conversion)
 * The transforms are TE computes whose ``A*A`` (input) or ``m*m`` (output) cases are selected by a
   chain of ``Select`` on the case index; ``schedules.x86.winograd`` unrolls that index so every
   case becomes straight-line vector code with only its non-zero coefficients (the row transform is
-  written once per row, so LLVM shares it between the cases). Padding is folded into the input
-  transform's loads. The input transform is marked opaque for FuseOps (nothing fuses into it); the
+  written once per row, so LLVM shares it between the cases). The input transform first copies
+  each zero-padded input tile into a small buffer (``winograd_tile``). The input transform is marked opaque for FuseOps (nothing fuses into it); the
   output transform is injective, so the bias / BatchNorm shift / ReLU / residual add that follow
   the convolution fuse into it and each output is written once.
 
@@ -35,8 +35,8 @@ height and width and the output is at least ``MIN_F4_SIZE`` wide, else 2 when th
 shapes keep the direct convolution (a 7x7 map would waste a third of its tiles and, at 512 channels,
 stream 1.8x more weight bytes). Numerics: F(2, 3) adds ~1e-7, F(4, 3) ~1e-6 relative error to a
 ResNet-18's logits (the transforms' coefficients are small integers and 1/4, 1/6, 1/12, 1/24).
-Targets opt in with ``winograd = true`` in their TOML description (``targets/``); ``compile(...,
-winograd=False)`` turns it off.
+Targets opt in with ``winograd = true`` in their TOML description (``targets/``); to turn it off,
+compile for ``dataclasses.replace(targets.get("x86"), winograd=False)``.
 """
 
 from __future__ import annotations
@@ -163,9 +163,9 @@ def _static_shape(sinfo) -> tuple[int, ...] | None:
         return None
 
 
-def _plan(call) -> tuple[int, tuple[int, ...], tuple[int, int, int, int], tuple[int, ...], int, int] | None:
-    """``(m, x shape, padding, weight shape, out_h, out_w)`` when ``call`` is a conv2d Winograd
-    should take, else None."""
+def _plan(call) -> tuple[int, int, int, int, int, int] | None:
+    """``(m, batch, pad_top, pad_left, out_h, out_w)`` when ``call`` is a conv2d Winograd should
+    take, else None."""
     if not isinstance(call, relax.Call) or call.op != tvm.ir.Op.get("relax.nn.conv2d"):
         return None
     attrs = call.attrs
@@ -186,7 +186,7 @@ def _plan(call) -> tuple[int, tuple[int, ...], tuple[int, int, int, int], tuple[
     m = tile_size(out_h, out_w) if out_h > 0 and out_w > 0 else None
     if m is None:
         return None
-    return m, xs, (top, left, bottom, right), ws, out_h, out_w
+    return m, xs[0], top, left, out_h, out_w
 
 
 @relax.expr_functor.mutator
@@ -200,14 +200,14 @@ class _Rewriter(relax.PyExprMutator):
         plan = _plan(call)
         if plan is None:
             return call
-        m, xs, (top, left, _b, _r), _ws, out_h, out_w = plan
+        m, batch, top, left, out_h, out_w = plan
         bb = self.builder_
         u = relax.const(transform_weights(call.args[1].value.numpy(), m))
         v = bb.emit_te(input_transform, call.args[0], m, top, left, out_h, out_w,
                        primfunc_name_hint="winograd_input")
         mm = bb.emit(relax.op.matmul(v, u))
         self.rewritten += 1
-        return bb.emit_te(output_transform, mm, m, xs[0], out_h, out_w, primfunc_name_hint="winograd_output")
+        return bb.emit_te(output_transform, mm, m, batch, out_h, out_w, primfunc_name_hint="winograd_output")
 
 
 @tvm.transform.module_pass(opt_level=0, name="kiln.MarkWinogradPatterns")
