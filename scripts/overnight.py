@@ -214,12 +214,10 @@ def measure_job(spec: dict) -> None:
         result["max_rel_err"] = max(float(np.max(np.abs(x - y)) / (np.max(np.abs(x)) + 1e-12)) for x, y in zip(a, b))
     except Exception as err:  # noqa: BLE001 - no records yet: report it, keep the baselines
         result["tuned_error"] = str(err).splitlines()[0] if str(err) else type(err).__name__
-    # both built before either is timed, then timed in turns (best median of 3): timing one module
-    # right after a compile biased it by up to 25 % on this machine
-    for _ in range(3):
-        for field, mod in modules.items():
-            median = mod.benchmark(*arrays, repeat=max(repeat // 3, 5)).median_ms
-            result[field] = min(result.get(field, median), median)
+    # every engine is built before any is timed, then all are timed in alternating rounds
+    # (baselines.interleaved_ms): timing one module right after a compile biased it by up to 25 % on
+    # this machine, and a stretch of contention on a shared host must fall on all engines alike
+    runs = {field: (lambda mod=mod: mod.run(*arrays)) for field, mod in modules.items()}
     if model.startswith("zoo:"):
         import torch
 
@@ -227,8 +225,14 @@ def measure_job(spec: dict) -> None:
 
         net, _ = zoo.load(model[4:])
         inputs = tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in arrays)
-        result["ort_ms"] = baselines.ort_ms(net, inputs, repeat, threads)
-        result["torch_ms"] = baselines.torch_ms(net, inputs, repeat, threads)
+        sess, feed, _ = baselines.onnx_session(net, inputs, threads)
+        torch.set_num_threads(threads)
+
+        def torch_run():
+            with torch.no_grad():
+                net(*inputs)
+
+        runs["ort_ms"], runs["torch_ms"] = (lambda: sess.run(None, feed)), torch_run
     elif model.endswith(".onnx"):
         import onnxruntime as ort
 
@@ -236,7 +240,8 @@ def measure_job(spec: dict) -> None:
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         feed = {i.name: x for i, x in zip(sess.get_inputs(), arrays)}
-        result["ort_ms"] = baselines.median_ms(lambda: sess.run(None, feed), repeat)
+        runs["ort_ms"] = lambda: sess.run(None, feed)
+    result.update(baselines.interleaved_ms(runs, repeat))
     Path(spec["out"]).write_text(json.dumps(result))
 
 
@@ -426,10 +431,10 @@ def write_report(plan: dict, state: dict, report_dir: Path, log_dir: Path, wall_
     md = ["# Overnight tuning report\n",
           f"{time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.machine()}, "
           f"{os.cpu_count()} cores); this run took {wall_s / 60:.1f} min; logs in `{log_dir}`.\n",
-          "Latencies: median of `CompiledModule.benchmark` (Kiln) and of timed runs (ONNX Runtime, PyTorch "
-          f"eager), batch 1, {threads} threads, all measured in this run. *untuned* is Kiln with its default "
-          "schedules (no records), *tuned* the build with the tuning logs. Ratios below 1 mean tuned Kiln is "
-          "faster.\n",
+          f"Latencies: median of timed runs, batch 1, {threads} threads, all engines of a model measured in "
+          "this run in alternating rounds (untuned Kiln, tuned Kiln, ONNX Runtime, PyTorch eager). *untuned* "
+          "is Kiln with its default schedules (no records), *tuned* the build with the tuning logs. Ratios "
+          "below 1 mean tuned Kiln is faster.\n",
           "| model | target | status | trials in log | tuning min | stopped by | untuned ms | tuned ms | "
           "ONNX Runtime ms | PyTorch ms | untuned / tuned | tuned / ORT | tuned / PyTorch |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
