@@ -21,7 +21,9 @@ Reported, for each B run (early stopping off, so both spend the same trials):
 
 ``--model-b tiny_cnn_wide`` (the default) is TinyCNN with 24/48 channels and a 40x40 input, defined
 here: related to A's kernels but not identical, so the saving comes from the cost model and from the
-kernels the two share (the classifier's).
+kernels the two share (the classifier's). At scale: ``--keep DIR`` with ``DIR/a`` a copy of real
+logs (say the zoo's, after an overnight run) and ``--model-b zoo:resnet18@160`` (ResNet-18 on a
+160x160 input: the same layers at other shapes, so no kernel but the classifier is shared).
 """
 
 from __future__ import annotations
@@ -65,10 +67,19 @@ def tiny_cnn_wide():
 
 
 def resolve(model: str):
-    """(model, example_inputs, label) for compiler.tune."""
+    """(model, example_inputs, label) for compiler.tune: a zoo/ONNX name, ``tiny_cnn_wide``, or
+    ``zoo:NAME@S`` (the zoo model on an SxS input: the same network with other kernel shapes)."""
     if model == "tiny_cnn_wide":
         net, inputs = tiny_cnn_wide()
         return net, inputs, "tiny_cnn_wide"
+    if model.startswith("zoo:") and "@" in model:
+        import torch
+
+        from compiler import zoo
+
+        name, size = model[4:].split("@")
+        net, (x,) = zoo.load(name)
+        return net, (torch.randn(*x.shape[:2], int(size), int(size)),), model
     return model, None, model
 
 
