@@ -327,6 +327,46 @@ def test_resume_continues_and_never_duplicates_workloads(logs):
     for old, new in zip(first.tasks, report.tasks):
         assert new.trials == 2 and new.best_ms <= old.best_ms + 1e-12
     assert report.cost_model == "warm"  # started from the model the first run saved
+    from schedules import database
+
+    hashes, recs = database.read_db(work)
+    keys = [(hashes[i], database.trace_key(r[0])) for i, r in recs]
+    assert len(keys) == len(set(keys))  # no candidate measured twice (the best seed the next batch)
+
+
+def test_search_never_proposes_a_measured_candidate_again():
+    """NoRepeatSearch drops what is in ``measured`` (the database's records and earlier batches'
+    picks) and repeats within a batch, keeps the batch size, and generates once per batch."""
+    from types import SimpleNamespace
+
+    from schedules import search
+
+    def cand(name, decision):
+        trace = SimpleNamespace(as_json=lambda remove_postproc: [[["Sample", [], [name], ["v0"]]], [[0, decision]]])
+        return SimpleNamespace(sch=SimpleNamespace(trace=trace))
+
+    class Inner:
+        def __init__(self, cands):
+            self.cands, self.asked = cands, []
+
+        def pre_tuning(self, max_trials, per_iter, *rest):
+            self.asked.append(per_iter)
+
+        def generate_measure_candidates(self):
+            return self.cands
+
+    a, b, b_again, c, d = cand("x", 1), cand("x", 2), cand("x", 2), cand("x", 3), cand("x", 4)
+    measured = {search.candidate_key(a.sch.trace)}
+    inner = Inner([a, b, b_again, c, d])
+    strategy = search.NoRepeatSearch(inner, measured)._inst  # the Python side (MetaSchedule calls it via FFI)
+    strategy.pre_tuning(2, 2, [], None, None)
+    assert inner.asked == [4]  # twice the batch, so that dropped repeats leave enough
+    assert strategy.generate_measure_candidates() == [b, c]
+    assert strategy.generate_measure_candidates() is None  # one generation per batch
+    assert measured == {search.candidate_key(x.sch.trace) for x in (a, b, c)}
+    strategy.pre_tuning(2, 2, [], None, None)
+    inner.cands = [a, b, c]
+    assert strategy.generate_measure_candidates() is None  # nothing new: no batch rather than repeats
 
 
 # ---------------------------------------------------------------- never slower than the defaults
