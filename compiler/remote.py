@@ -410,6 +410,7 @@ def tuning_parts(tracker: str, key: str, desc, *, build_workers: int | None = No
     builder = search.PersistentBuilder(max_workers=build_workers or len(os.sched_getaffinity(0)),
                                        link=desc.cross_compiler or "")
     runner = ms.runner.RPCRunner(rpc_config=config, evaluator_config=search.evaluator_config(desc.to_tvm()),
+                                 f_alloc_argument=search.rpc_alloc_argument,
                                  f_run_evaluator=search.rpc_run_evaluator, max_workers=workers)
     return {"builder": builder, "runner": runner}
 

@@ -323,13 +323,13 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
         return searcher
 
     # Kiln's default schedule of every task not seen before becomes a record of it (see module doc), and
-    # so does a new default schedule of a task seen before (Kiln's rules changed).
+    # so does a new default schedule of a task seen before (Kiln's rules changed) or one that failed to run.
     known = logs.defaults
 
     def default_outdated(i: int, key: str) -> bool:
         entry = known.get(key)
-        if entry is None or entry.get("kiln_version") != __version__:
-            return True
+        if entry is None or entry.get("kiln_version") != __version__ or entry.get("ms") is None:
+            return True  # never measured, older Kiln, or it failed last time (retried: cheap)
         return entry.get("trace") is not None and entry["trace"] != search.default_trace_key(tasks[i], desc)
 
     fresh = [i for i, k in enumerate(keys) if default_outdated(i, k)]

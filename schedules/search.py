@@ -80,6 +80,39 @@ def rpc_run_evaluator(session, rt_mod, device, evaluator_config, repeated_args) 
     return run_evaluator(rt_mod, device, evaluator_config, repeated_args)
 
 
+def _fill_for_measure(random_fill):
+    """MetaSchedule's random fill for float tensors; integer tensors are zeros, since they are
+    indices (BERT's embedding gather, ``take``): random ones point out of range and every candidate
+    of such a kernel, its default included, failed to run (the scheduler kept spending batches on
+    it). Zeros gather one row again and again, so such a kernel is timed with warm caches."""
+    import numpy as np
+
+    def fill(arg):
+        if str(arg.dtype).startswith(("int", "uint", "bool")):
+            arg.copyfrom(np.zeros([int(d) for d in arg.shape], dtype=str(arg.dtype)))
+        else:
+            random_fill(arg)
+
+    return fill
+
+
+def alloc_argument(device, args_info, alloc_repeat):
+    """The local runner's ``f_alloc_argument``: arguments filled by :func:`_fill_for_measure`."""
+    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
+    from tvm.s_tir.meta_schedule.utils import get_global_func_with_default_on_worker
+
+    random_fill = get_global_func_with_default_on_worker("tvm.contrib.random.random_fill_for_measure", None)
+    return alloc_argument_common(_fill_for_measure(random_fill), device, args_info, alloc_repeat)
+
+
+def rpc_alloc_argument(session, device, args_info, alloc_repeat):
+    """:func:`alloc_argument` with the RPC runner's signature (a session first)."""
+    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
+
+    random_fill = session.get_function("tvm.contrib.random.random_fill_for_measure")
+    return alloc_argument_common(_fill_for_measure(random_fill), device, args_info, alloc_repeat)
+
+
 def evaluator_config(target) -> "ms.runner.EvaluatorConfig":
     """The runner's timing settings for ``target`` (see :data:`MEASUREMENT`); GPUs keep
     MetaSchedule's defaults (the flush is a CPU cache instruction)."""
@@ -434,7 +467,8 @@ class Searcher:
         if builder is None:
             self.builder.warm_up()
         self.runner = runner if runner is not None else ms.runner.LocalRunner(
-            timeout_sec=RUN_TIMEOUT_S, evaluator_config=evaluator_config(target), f_run_evaluator=run_evaluator)
+            timeout_sec=RUN_TIMEOUT_S, evaluator_config=evaluator_config(target), f_alloc_argument=alloc_argument,
+            f_run_evaluator=run_evaluator)
         self.cost_model = ms.cost_model.XGBModel(num_tuning_cores=self.num_threads, tree_method="auto")
         #: True when the cost model was warm-started from a saved one.
         self.warm_started = False

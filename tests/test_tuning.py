@@ -819,3 +819,31 @@ def test_overnight_survives_crashing_jobs_and_reports(tmp_path):
     assert "/nonexistent/model.onnx" in md and "killed after 4 s" in md
     png = report_dir / "zoo_tiny_cnn.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "(zoo_tiny_cnn.png)" in md
+
+
+def test_gather_kernels_are_measured_with_indices_in_range(tmp_path):
+    """An embedding lookup (``take``) gets integer index arguments in the runner: random ones point
+    out of range and every candidate failed (BERT's embedding was left untuned and kept being picked).
+    Integer arguments are zeros now, so its default and its trial run and are recorded."""
+    import torch
+
+    import compiler
+
+    class Embed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = torch.nn.Embedding(1000, 64), torch.nn.Linear(64, 8)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids))
+
+    torch.manual_seed(0)
+    model, ids = Embed().eval(), torch.randint(0, 1000, (1, 16))
+    report = compiler.tune(model, "x86", example_inputs=(ids,), trials=5, log_dir=tmp_path, progress=False)
+    take = [t for t in report.tasks if t.name.startswith("take")]
+    assert take and all(t.default_ms is not None and t.best_ms is not None for t in take), report
+    mod = compiler.compile(model, "x86", example_inputs=(ids,), tuning_logs=tmp_path)
+    assert mod.meta["untuned_kernels"] == []
+    with torch.no_grad():
+        expected = model(ids).numpy()
+    assert abs(mod(ids.numpy()) - expected).max() < 1e-5
