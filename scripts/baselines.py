@@ -45,6 +45,20 @@ def interleaved_ms(fns: dict, repeat: int, rounds: int = 5, warmup: int = 3) -> 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def reference_runs(model, inputs, threads: int) -> dict:
+    """``{"ort": f, "torch": f}``: one batch-1 inference of ``model`` on ``inputs`` by ONNX Runtime
+    (exported as :func:`onnx_session` does) and by PyTorch eager, both on ``threads`` threads; for
+    :func:`interleaved_ms`."""
+    sess, feed, _ = onnx_session(model, inputs, threads)
+    torch.set_num_threads(threads)
+
+    def torch_run():
+        with torch.no_grad():
+            model(*inputs)
+
+    return {"ort": lambda: sess.run(None, feed), "torch": torch_run}
+
+
 def torch_ms(model, inputs, repeat: int, threads: int) -> float:
     torch.set_num_threads(threads)
     with torch.no_grad():

@@ -64,16 +64,7 @@ def bench_model(name: str, repeat: int, threads: int, tuning_logs: str | None = 
     ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).detach().numpy()
     out = out[0] if isinstance(out, tuple) else out
     rel_err = float(np.max(np.abs(out - ref)) / (np.max(np.abs(ref)) + 1e-12))
-    import torch
-
-    sess, feed, _ = baselines.onnx_session(model, inputs, threads)
-    torch.set_num_threads(threads)
-
-    def torch_run():
-        with torch.no_grad():
-            model(*inputs)
-
-    engines = {"kiln": lambda: mod.run(*arrays), "ort": lambda: sess.run(None, feed), "torch": torch_run}
+    engines = {"kiln": lambda: mod.run(*arrays), **baselines.reference_runs(model, inputs, threads)}
     row = {"model": name, "compile_s": compile_s, "err": rel_err}
     if tuning_logs:
         tuned = compiler.compile(model, target="x86", example_inputs=inputs, tuning_logs=tuning_logs)

@@ -225,14 +225,7 @@ def measure_job(spec: dict) -> None:
 
         net, _ = zoo.load(model[4:])
         inputs = tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in arrays)
-        sess, feed, _ = baselines.onnx_session(net, inputs, threads)
-        torch.set_num_threads(threads)
-
-        def torch_run():
-            with torch.no_grad():
-                net(*inputs)
-
-        runs["ort_ms"], runs["torch_ms"] = (lambda: sess.run(None, feed)), torch_run
+        runs.update({f"{k}_ms": f for k, f in baselines.reference_runs(net, inputs, threads).items()})
     elif model.endswith(".onnx"):
         import onnxruntime as ort
 
