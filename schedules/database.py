@@ -621,7 +621,8 @@ def merge(sources, log_dir, *, target: TargetDescription | None = None, strict: 
             key = (s_hashes[idx], trace_key(rec[0]))
             if key in seen:
                 dup += 1
-                continue
+                if not best_only:  # best-only keeps every timing of a trace: the fastest is what compile picks
+                    continue
             seen.add(key)
             records.append(b"[" + str(index[s_hashes[idx]]).encode() + raw[raw.index(b","):])
         for h, entry in read_defaults(work).items():

@@ -42,6 +42,25 @@ def test_best_only_keeps_each_kernels_fastest_record(tuned_logs, shipped):
     assert "zoo:mlp" in json.loads((_work(shipped) / database.MODELS_FILE).read_text())["models"]
 
 
+def test_best_only_takes_the_fastest_timing_of_a_trace_measured_twice(tuned_logs, tmp_path):
+    """A trace timed twice (older logs re-measured candidates): best-only keeps its faster timing,
+    as compile on the full logs would, not the first one seen."""
+    src = tmp_path / "src"
+    shutil.copytree(tuned_logs, src)
+    records = _work(src) / database.RECORD_FILE
+    idx, rec = json.loads(records.read_text().splitlines()[0])
+    faster = database.record_seconds(rec) / 10
+    rec[1] = [faster] * len(rec[1])
+    with open(records, "a") as f:
+        f.write(json.dumps([idx, rec]) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["logs", "merge", str(src), "--log-dir", str(out), "--best-only"]) == 0
+    hashes_src, _ = database.read_db(_work(src))
+    hashes, best = database.read_db(_work(out))
+    kept = [database.record_seconds(r) for i, r in best if hashes[i] == hashes_src[idx]]
+    assert kept == [pytest.approx(faster)]
+
+
 def test_compile_uses_shipped_records_for_this_target(shipped):
     import compiler
 
