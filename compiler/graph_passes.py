@@ -139,3 +139,89 @@ def mutate_functions(mutator: relax.PyExprMutator, mod: tvm.IRModule) -> tvm.IRM
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gv, mutator.visit_expr(func))
     return mutator.builder_.get()
+
+
+@relax.expr_functor.mutator
+class _StackRewriter(relax.PyExprMutator):
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.stack"):
+            return call
+        tensors = call.args[0]
+        fields = list(tensors.fields) if isinstance(tensors, relax.Tuple) else None
+        if fields is None:  # a tuple-typed variable: unpack it
+            count = len(tensors.ty.fields)
+            fields = [self.builder_.emit(relax.TupleGetItem(tensors, i)) for i in range(count)]
+        ndim = fields[0].ty.ndim
+        axis = int(call.attrs.axis) if call.attrs.axis is not None else 0
+        axis = axis + ndim + 1 if axis < 0 else axis
+        expanded = [self.builder_.emit(relax.op.expand_dims(f, [axis])) for f in fields]
+        return relax.op.concat(expanded, axis=axis)
+
+
+@tvm.transform.module_pass(opt_level=0, name="kiln.StackAsConcat")
+def StackAsConcat(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (TVM pass naming)
+    """``stack(xs, axis)`` as ``concat([expand_dims(x, axis) ...], axis)``: the same values, but TVM 0.27's
+    layout inference for ``relax.stack`` kills the process (SIGFPE) on rank-0 inputs and raises on others,
+    for any ``ConvertLayout`` call, whatever layouts are asked for. ONNX's Max/Min/Sum/Mean with several
+    inputs and DynamicQuantizeLinear import as stacks."""
+    return mutate_functions(_StackRewriter(mod), mod)
+
+
+#: Operators that only move or select data: exact in any float type, left in half precision.
+_DATA_MOVEMENT = frozenset({
+    "relax.reshape", "relax.permute_dims", "relax.expand_dims", "relax.squeeze", "relax.flatten",
+    "relax.concat", "relax.split", "relax.take", "relax.strided_slice", "relax.dynamic_strided_slice",
+    "relax.broadcast_to", "relax.tile", "relax.repeat", "relax.flip", "relax.gather_elements",
+    "relax.gather_nd", "relax.where", "relax.astype", "relax.layout_transform", "relax.collapse_sum_to",
+    "relax.nn.pad", "relax.max", "relax.min", "relax.maximum", "relax.minimum",
+})
+_HALF = ("float16", "bfloat16")
+
+
+def _half_tensor(expr) -> bool:
+    ty = getattr(expr, "ty", None)
+    return isinstance(ty, relax.TensorType) and str(ty.dtype) in _HALF
+
+
+@relax.expr_functor.mutator
+class _HalfInFloat(relax.PyExprMutator):
+    def visit_call_(self, call):
+        call = self.builder_.normalize(super().visit_call_(call))
+        if (not isinstance(call.op, tvm.ir.Op) or call.op.name in _DATA_MOVEMENT or not _half_tensor(call)
+                or not any(_half_tensor(a) for a in call.args)):
+            return call
+        half = str(call.ty.dtype)
+        if call.op.name == "relax.nn.softmax":  # as the frameworks: each step rounded to the half type
+            return self._softmax(call.args[0], int(call.attrs.axis), half)
+        args = [relax.op.astype(a, "float32") if _half_tensor(a) else a for a in call.args]
+        try:
+            wide = self.builder_.normalize(relax.Call(call.op, args, call.attrs, call.ty_args))
+        except Exception:  # noqa: BLE001 - the op insists on its input dtype: keep it as it was
+            return call
+        if not isinstance(wide.ty, relax.TensorType) or str(wide.ty.dtype) != "float32":
+            return call
+        return relax.op.astype(self.builder_.emit(wide), half)
+
+    def _softmax(self, x, axis: int, half: str):
+        def step(expr):  # computed in float32, rounded to the half type
+            return self.builder_.emit(relax.op.astype(self.builder_.emit(expr), half))
+
+        def wide(v):
+            return relax.op.astype(v, "float32")
+
+        shifted = step(relax.op.subtract(wide(x), wide(relax.op.max(x, [axis], keepdims=True))))
+        exp = step(relax.op.exp(wide(shifted)))
+        total = step(relax.op.sum(wide(exp), [axis], keepdims=True))
+        return relax.op.astype(relax.op.divide(wide(exp), wide(total)), half)
+
+
+@tvm.transform.module_pass(opt_level=0, name="kiln.HalfComputeInFloat")
+def HalfComputeInFloat(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (TVM pass naming)
+    """On CPUs, compute each float16/bfloat16 operator in float32 and round its result back to the
+    half type, as ONNX Runtime's CPU provider and NumPy do (CPUs have no half-precision arithmetic to
+    speak of). Left alone, TVM accumulated matmuls, convolutions and reductions in half precision:
+    outputs several units in the last place away from the frameworks' (ONNX's fp16 attention
+    cases). Rounding stays per operator, so results match the frameworks', not a float32 model's.
+    Data movement stays in half precision."""
+    return mutate_functions(_HalfInFloat(mod), mod)

@@ -142,7 +142,8 @@ class CompiledModule:
                     arr = arr.astype(spec.dtype)
                 else:
                     raise InputShapeError(f"input {spec.name!r} has dtype {arr.dtype}; expected {spec.dtype}")
-            values.append(tvm.runtime.tensor(np.ascontiguousarray(arr), self._device))
+            # np.require keeps rank 0 (np.ascontiguousarray makes a scalar 1-D, which the VM rejects)
+            values.append(tvm.runtime.tensor(np.require(arr, requirements="C"), self._device))
         return values
 
     @staticmethod

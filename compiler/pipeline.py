@@ -28,8 +28,10 @@ def prepare(mod: tvm.IRModule, target: TargetDescription) -> tvm.IRModule:
     import schedules
 
     schedules.install_hooks()
-    steps = [
+    steps = [graph_passes.HalfComputeInFloat] if target.family in ("x86", "arm") else []
+    steps += [
         relax.transform.DecomposeOpsForInference(),
+        graph_passes.StackAsConcat,
         relax.transform.CanonicalizeBindings(),
         relax.transform.FoldConstant(),
         graph_passes.FoldAffineIntoConv,
@@ -48,7 +50,7 @@ def fuse(mod: tvm.IRModule, target: TargetDescription) -> tuple[tvm.IRModule, di
 
     Returns the fused module (its PrimFuncs are the kernels that tuning and default schedules work
     on) and, for each fused kernel, the names of the operators it fuses."""
-    from . import winograd
+    from . import legalize, winograd
     from .analysis import fused_groups
 
     with target.to_tvm():
@@ -56,7 +58,7 @@ def fuse(mod: tvm.IRModule, target: TargetDescription) -> tuple[tvm.IRModule, di
             mod = winograd.WinogradConv(mod)
         grouped = tvm.transform.Sequential(
             [
-                relax.transform.LegalizeOps(),
+                relax.transform.LegalizeOps(legalize.legalize_map()),
                 relax.transform.AnnotateTIROpPattern(),
                 winograd.MarkTransformPatterns,
                 relax.transform.FoldConstant(),

@@ -33,10 +33,11 @@ import numpy as np
 import onnx
 import tvm
 from onnx import helper
+from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend as _tvm_onnx
 
 from ..errors import CompileError, InputShapeError, ModelFormatError, UnsupportedOperatorError, suggest
-from . import ImportedModel, TensorSpec
+from . import ImportedModel, TensorSpec, onnx_ops
 from .onnx_fold import default_opset, fold_constants
 from .onnx_rnn import RNN_OPS, attribute_problems, rewrite_rnns
 
@@ -332,24 +333,99 @@ def _check_operators(model: onnx.ModelProto) -> None:
 
 
 class _TrackingImporter(_tvm_onnx.ONNXGraphImporter):
-    """TVM's importer, remembering the node being converted so that failures can name it."""
+    """TVM's importer, with Kiln's converters where TVM's compute something else (:mod:`.onnx_ops`),
+    remembering the node being converted so that failures can name it, and checking each node's
+    result against the shapes and dtypes ONNX's shape inference gives its outputs: a converter that
+    ignores an attribute or fakes an output is refused instead of silently computing something else."""
 
     current: tuple[str, str] = ("", "")
 
+    def __init__(self, *args, expected: dict | None = None, outputs: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._expected = expected or {}  # tensor name -> (shape, dtype) from ONNX shape inference
+        self._outputs = outputs or {}    # node name -> its output names
+
     def _convert_operator(self, op_name, inputs, attrs, opset):
-        self.current = (op_name, attrs.get("tvm_custom", {}).get("name", ""))
-        return super()._convert_operator(op_name, inputs, attrs, opset)
+        node = attrs.get("tvm_custom", {}).get("name", "")
+        self.current = (op_name, node)
+        kiln = onnx_ops.CONVERTERS.get(op_name)
+        if kiln is None:
+            sym = super()._convert_operator(op_name, inputs, attrs, opset)
+        else:
+            def default(new_inputs, new_attrs):
+                return _tvm_onnx._get_convert_map()[op_name].get_converter(opset)(
+                    self.bb, new_inputs, new_attrs, [self._nodes, self._params])
+
+            sym = kiln(self.bb, inputs, attrs, opset, default)
+            if isinstance(sym, relax.Expr):
+                sym = self.bb.normalize(sym)
+        self._check_result(op_name, node, sym)
+        return sym
+
+    def _check_result(self, op_name: str, node: str, sym) -> None:
+        names = self._outputs.get(node, [])
+        if isinstance(sym, relax.Tuple):
+            results = list(sym.fields)
+        elif isinstance(getattr(sym, "ty", None), relax.TupleType):
+            return  # a tuple-typed value (sequences): not comparable field by field here
+        else:
+            results = [sym]
+        problems = []
+        for name, result in zip(names, results):
+            want = self._expected.get(name)
+            ty = getattr(result, "ty", None)
+            if not name or want is None or not isinstance(ty, relax.TensorType) or ty.shape is None:
+                continue
+            try:
+                got_shape = tuple(int(d) for d in ty.shape)
+            except (TypeError, ValueError):
+                continue
+            want_shape, want_dtype = want
+            if want_shape is not None and got_shape != want_shape:
+                problems.append(f"output {name!r} has shape {got_shape}, ONNX infers {want_shape}")
+            elif want_dtype is not None and str(ty.dtype) != want_dtype:
+                problems.append(f"output {name!r} has dtype {ty.dtype}, ONNX infers {want_dtype}")
+        if problems:
+            raise UnsupportedOperatorError(
+                [(f"{op_name} as TVM's converter lowers it ({'; '.join(problems)})", node)])
+
+
+def _expected_types(model: onnx.ModelProto) -> dict:
+    """Shape (None where not static) and dtype of every tensor ONNX's shape inference can type."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - no inference, no check (e.g. models over 2 GB)
+        return {}
+    out = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        ttype = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+        if ttype is None or not ttype.elem_type:
+            continue
+        try:
+            dtype = _dtype_name(ttype.elem_type)
+        except Exception:  # noqa: BLE001 - float8/int4 and other types NumPy lacks
+            continue
+        shape = None
+        if ttype.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
+            if all(d is not None for d in dims):
+                shape = tuple(dims)
+        out[vi.name] = (shape, dtype)
+    return out
 
 
 def _to_relax(model: onnx.ModelProto, specs: list[TensorSpec], where: str) -> tvm.IRModule:
     """Run TVM's importer (quietly: it prints and warns) and translate its failures."""
     importer = _TrackingImporter(
-        {s.name: list(s.shape) for s in specs}, {s.name: s.dtype for s in specs}, keep_params_in_input=False
+        {s.name: list(s.shape) for s in specs}, {s.name: s.dtype for s in specs}, keep_params_in_input=False,
+        expected=_expected_types(model), outputs={n.name: list(n.output) for n in model.graph.node},
     )
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             mod = importer.from_onnx(model.graph, default_opset(model))
+    except UnsupportedOperatorError:
+        raise
     except tvm.error.OpNotImplemented as err:
         op, node = importer.current
         raise UnsupportedOperatorError([(f"{op}: {_first_line(err)}", node)]) from err

@@ -291,7 +291,7 @@ def _order_inputs(meta: dict, arrays: list, named: dict) -> list[np.ndarray]:
         if tuple(arr.shape) != tuple(s["shape"]):
             raise InputShapeError(f"input {s['name']!r} has shape {list(arr.shape)}; the library was compiled "
                                   f"for {s['shape']}")
-        values.append(np.ascontiguousarray(arr.astype(s["dtype"], copy=False)))
+        values.append(np.require(arr.astype(s["dtype"], copy=False), requirements="C"))
     return values
 
 
