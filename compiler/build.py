@@ -13,7 +13,7 @@ from targets import TargetDescription
 
 from . import __version__, pipeline
 from .analysis import kernel_table
-from .errors import IncompatibleModuleError, ModelFormatError, TargetError
+from .errors import CompileError, IncompatibleModuleError, ModelFormatError, TargetError
 from .frontends import ImportedModel, TensorSpec
 from .module import CompiledModule
 
@@ -88,12 +88,24 @@ def import_model(model, *, example_inputs=None, input_shapes=None, input_dtypes=
 
 
 def _output_specs(fused, names: list[str]) -> list[TensorSpec]:
+    """The static shape and dtype of every output; an output whose shape depends on the input data
+    (NonZero, Unique, a Slice by computed bounds...) is an UnsupportedOperatorError naming it."""
     ret = fused["main"].ret_ty
     infos = list(ret.fields) if hasattr(ret, "fields") else [ret]
-    specs = []
+    specs, dynamic = [], []
     for i, info in enumerate(infos):
         name = names[i] if i < len(names) else f"output_{i}"
-        specs.append(TensorSpec(name, tuple(int(d) for d in info.shape), str(info.dtype)))
+        shape = getattr(info, "shape", None)
+        values = getattr(shape, "values", shape)
+        try:
+            specs.append(TensorSpec(name, tuple(int(d) for d in values), str(info.dtype)))
+        except (TypeError, ValueError, AttributeError):
+            dynamic.append(name)
+    if dynamic:
+        raise CompileError(
+            f"the shape of output(s) {', '.join(map(repr, dynamic))} depends on the input data (NonZero, Unique, "
+            "Compress, or a Slice/Expand/Tile by computed amounts produce such shapes); Kiln compiles static "
+            "shapes: freeze the inputs those amounts come from, or compute that part outside the model")
     return specs
 
 
@@ -160,16 +172,21 @@ def compile_model(model, target="x86", *, example_inputs=None, input_shapes=None
             "the x86, ARM, microcontroller and NVIDIA GPU targets can: see `kiln targets`"
         )
     t0 = time.perf_counter()
-    imported = import_model(model, example_inputs=example_inputs, input_shapes=input_shapes,
-                            input_dtypes=input_dtypes)
-    prepared = precisions.mixed_precision(pipeline.prepare(imported.mod, desc), precision)
+    with pipeline.stage("import"):
+        imported = import_model(model, example_inputs=example_inputs, input_shapes=input_shapes,
+                                input_dtypes=input_dtypes)
+    with pipeline.stage("graph optimisation (prepare)", imported.mod):
+        prepared = precisions.mixed_precision(pipeline.prepare(imported.mod, desc), precision)
     quant = None
     if precision == "int8":  # post-training static quantization (compiler/quantize.py)
         log.warning("precision='int8' on %s: the weights shrink 4x and the outputs stay within the stated "
                     "tolerance, but Kiln has no int8 (VNNI / dot-product) CPU schedules yet, so int8 kernels "
                     "run slower than fp32 ones (ResNet-18 on x86: about 2.3x); use fp32 for speed", desc.name)
-        prepared, quant = quantize.quantize(prepared, calibration, imported.inputs)
-    fused, groups = pipeline.fuse(prepared, desc)
+        with pipeline.stage("int8 quantization", prepared):
+            prepared, quant = quantize.quantize(prepared, calibration, imported.inputs)
+    with pipeline.stage("lowering and fusion (fuse)", prepared):
+        fused, groups = pipeline.fuse(prepared, desc)
+        outputs = _output_specs(fused, imported.output_names)
     tuned: list[str] = []
     explicit_logs = tuning_logs not in (None, False)
     if tuning_logs is None:  # Kiln's shipped records for this exact target, if it has any
@@ -179,17 +196,19 @@ def compile_model(model, target="x86", *, example_inputs=None, input_shapes=None
                      desc.name, tuning_logs)
     elif tuning_logs is False:
         tuning_logs = None
-    if tuning_logs is not None:
-        applied, tuned = pipeline.apply_records(fused, desc, open_tuning_logs(tuning_logs, desc))
-        scheduled = pipeline.schedule(applied, desc)
-    else:
-        scheduled = pipeline.schedule(fused, desc)
+    with pipeline.stage("scheduling", fused, groups):
+        if tuning_logs is not None:
+            applied, tuned = pipeline.apply_records(fused, desc, open_tuning_logs(tuning_logs, desc))
+            scheduled = pipeline.schedule(applied, desc)
+        else:
+            scheduled = pipeline.schedule(fused, desc)
     # CUDA: nvcc-compiled device code is embedded, not CUDA source (compiler/cuda.py)
-    with cuda.build_environment(desc.name) if desc.family == "cuda" else contextlib.nullcontext():
+    with cuda.build_environment(desc.name) if desc.family == "cuda" else contextlib.nullcontext(), \
+            pipeline.stage("code generation (build)", scheduled, groups):
         executable = pipeline.build(scheduled, desc)
     kernels = kernel_table(fused, groups)
     meta = module_metadata(imported, desc, kernels)
-    meta["outputs"] = [s.to_json() for s in _output_specs(fused, imported.output_names)]
+    meta["outputs"] = [s.to_json() for s in outputs]
     meta["precision"] = precision
     if quant is not None:
         meta["quantization"] = quant.to_json()

@@ -10,7 +10,9 @@ hashes MetaSchedule keys its records by always match (see DEVELOPERS.md).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 
 import tvm
 from tvm import relax
@@ -18,6 +20,7 @@ from tvm import relax
 from targets import TargetDescription
 
 from . import graph_passes
+from .errors import CompileError, KilnError
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +40,19 @@ def prepare(mod: tvm.IRModule, target: TargetDescription) -> tvm.IRModule:
         graph_passes.FoldAffineIntoConv,
         relax.transform.FoldConstant(),
     ]
-    layouts = schedules.preferred_layouts(target)
-    if layouts:
-        steps += [relax.transform.ConvertLayout(layouts), relax.transform.FoldConstant()]
-    steps += [relax.transform.DeadCodeElimination(), relax.transform.CanonicalizeBindings()]
+    tail = [relax.transform.DeadCodeElimination(), relax.transform.CanonicalizeBindings()]
     with target.to_tvm():
-        return tvm.transform.Sequential(steps, name="kiln.prepare")(mod)
+        mod = tvm.transform.Sequential(steps, name="kiln.prepare")(mod)
+        layouts = schedules.preferred_layouts(target)
+        if layouts:
+            try:
+                mod = tvm.transform.Sequential([relax.transform.ConvertLayout(layouts), relax.transform.FoldConstant()],
+                                               name="kiln.layouts")(mod)
+            except Exception as err:  # noqa: BLE001 - TVM's layout inference fails on some ops (Dropout's
+                # tuple, Unique's unknown rank): keep the model's own layouts, which are always correct
+                log.warning("keeping the model's data layouts: TVM's layout conversion failed (%s)",
+                            str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__)
+        return tvm.transform.Sequential(tail, name="kiln.prepare_tail")(mod)
 
 
 def fuse(mod: tvm.IRModule, target: TargetDescription) -> tuple[tvm.IRModule, dict[str, tuple[str, ...]]]:
@@ -144,3 +154,43 @@ def build(mod: tvm.IRModule, target: TargetDescription) -> relax.VMExecutable:
     schedules.install_hooks()
     with tvm_target:
         return tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline)
+
+
+@contextlib.contextmanager
+def stage(name: str, mod: tvm.IRModule | None = None, groups: dict[str, tuple[str, ...]] | None = None):
+    """Run one step of a compile; turn anything but a ``KilnError`` that escapes it (a TVM
+    ``InternalError``, a ``TypeError`` from a converter, a ``MemoryError``...) into a
+    :class:`CompileError` naming the step and the kernels and operators the failure mentions, with the
+    original kept as ``__cause__``. The last line of defence: the causes are fixed where they are found."""
+    try:
+        yield
+    except KilnError:
+        raise
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError, AssertionError,
+            MemoryError, ZeroDivisionError) as err:
+        text = str(err)
+        where = _mentioned_operators(text, mod, groups)
+        first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+        if "Check failed" in text:  # TVM's checks: the failed condition, not the traceback around it
+            first = text[text.index("Check failed"):].splitlines()[0]
+        if len(first) > 300:
+            first = first[:300] + " ..."
+        raise CompileError(
+            f"{name} failed{where}: {type(err).__name__}: {first} (this is a bug in Kiln or TVM, not in your "
+            "model; `kiln ... -v` or the exception's __cause__ has the full trace)"
+        ) from err
+
+
+def _mentioned_operators(text: str, mod, groups) -> str:
+    """' in kernel K (ops a, b)' for each kernel of ``mod`` the error text names; Relax/TIR operator
+    names otherwise."""
+    parts = []
+    if mod is not None:
+        for gv in mod.get_global_vars():
+            name = gv.name_hint
+            if name != "main" and re.search(rf"\b{re.escape(name)}\b", text):
+                ops = (groups or {}).get(name)
+                parts.append(f"kernel {name}" + (f" ({', '.join(ops)})" if ops else ""))
+    if not parts:
+        parts = sorted(set(re.findall(r"\b(?:relax|tirx)\.[a-z_][a-z0-9_.]*", text)))[:5]
+    return f" in {'; '.join(parts[:5])}" if parts else ""

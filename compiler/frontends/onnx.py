@@ -364,16 +364,17 @@ class _TrackingImporter(_tvm_onnx.ONNXGraphImporter):
 
     def _check_result(self, op_name: str, node: str, sym) -> None:
         names = self._outputs.get(node, [])
+        if op_name in ("SplitToSequence", "SequenceConstruct", "SequenceInsert", "SequenceErase", "Optional"):
+            return  # one sequence-typed output, returned as a tuple of tensors
         if isinstance(sym, relax.Tuple):
-            results = list(sym.fields)
+            types = [getattr(f, "ty", None) for f in sym.fields]
         elif isinstance(getattr(sym, "ty", None), relax.TupleType):
-            return  # a tuple-typed value (sequences): not comparable field by field here
+            types = list(sym.ty.fields)
         else:
-            results = [sym]
+            types = [getattr(sym, "ty", None)]
         problems = []
-        for name, result in zip(names, results):
+        for name, ty in zip(names, types):
             want = self._expected.get(name)
-            ty = getattr(result, "ty", None)
             if not name or want is None or not isinstance(ty, relax.TensorType) or ty.shape is None:
                 continue
             try:

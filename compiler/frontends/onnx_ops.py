@@ -209,3 +209,27 @@ def _roi_align(bb, inputs, attr, opset, default):
         _refuse("RoiAlign", attr, "mode='max' (ONNX's definition, the largest weighted corner of each "
                 "sample, is not what TVM computes)")
     return default(inputs, attr)
+
+
+def _constant(expr):
+    """The NumPy value of a constant input, else None."""
+    value = getattr(expr, "value", None)
+    return value.numpy() if hasattr(value, "numpy") else None
+
+
+@_converter("Dropout")
+def _dropout(bb, inputs, attr, opset, default):
+    """Inference Dropout is the identity, and its optional mask is all ``True`` (TVM's converter
+    returned a float mask). Training mode (a ``training_mode`` input that is not a constant false)
+    drops at random: refused, unless the ratio is 0."""
+    x = inputs[0]
+    ratio = float(attr.get("ratio", 0.5))
+    if len(inputs) > 1 and inputs[1] is not None:
+        value = _constant(inputs[1])
+        ratio = float(value) if value is not None else float("nan")
+    if len(inputs) > 2 and inputs[2] is not None:
+        training = _constant(inputs[2])
+        if (training is None or bool(training)) and ratio != 0.0:
+            _refuse("Dropout", attr, "training_mode (random dropout; export the model in eval mode)")
+    mask = relax.op.ones(x.ty.shape, "bool")
+    return relax.Tuple([x, mask]) if attr.get("tvm_custom", {}).get("num_outputs", 1) > 1 else x
