@@ -89,7 +89,7 @@ def import_model(model, *, example_inputs=None, input_shapes=None, input_dtypes=
 
 def _output_specs(fused, names: list[str]) -> list[TensorSpec]:
     """The static shape and dtype of every output; an output whose shape depends on the input data
-    (NonZero, Unique, a Slice by computed bounds...) is an UnsupportedOperatorError naming it."""
+    (NonZero, Unique, a Slice by computed bounds...) is a CompileError naming it."""
     ret = fused["main"].ret_ty
     infos = list(ret.fields) if hasattr(ret, "fields") else [ret]
     specs, dynamic = [], []

@@ -168,8 +168,9 @@ def StackAsConcat(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (TVM p
     return mutate_functions(_StackRewriter(mod), mod)
 
 
-#: Operators that only move or select data: exact in any float type, left in half precision.
-_DATA_MOVEMENT = frozenset({
+#: Operators whose result is exact in the half type (they move, select or compare values; no
+#: arithmetic to round): left in half precision.
+_EXACT_IN_HALF = frozenset({
     "relax.reshape", "relax.permute_dims", "relax.expand_dims", "relax.squeeze", "relax.flatten",
     "relax.concat", "relax.split", "relax.take", "relax.strided_slice", "relax.dynamic_strided_slice",
     "relax.broadcast_to", "relax.tile", "relax.repeat", "relax.flip", "relax.gather_elements",
@@ -188,7 +189,7 @@ def _half_tensor(expr) -> bool:
 class _HalfInFloat(relax.PyExprMutator):
     def visit_call_(self, call):
         call = self.builder_.normalize(super().visit_call_(call))
-        if (not isinstance(call.op, tvm.ir.Op) or call.op.name in _DATA_MOVEMENT or not _half_tensor(call)
+        if (not isinstance(call.op, tvm.ir.Op) or call.op.name in _EXACT_IN_HALF or not _half_tensor(call)
                 or not any(_half_tensor(a) for a in call.args)):
             return call
         half = str(call.ty.dtype)
@@ -223,5 +224,5 @@ def HalfComputeInFloat(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (
     speak of). Left alone, TVM accumulated matmuls, convolutions and reductions in half precision:
     outputs several units in the last place away from the frameworks' (ONNX's fp16 attention
     cases). Rounding stays per operator, so results match the frameworks', not a float32 model's.
-    Data movement stays in half precision."""
+    Operators exact in the half type (data movement, max/min) stay in it."""
     return mutate_functions(_HalfInFloat(mod), mod)

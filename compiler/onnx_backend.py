@@ -4,8 +4,9 @@
     rep = KilnBackend.prepare(model_proto)        # compiles for this machine (target "x86")
     outputs = rep.run([x, y])                    # NumPy in, a tuple of NumPy arrays out
 
-``onnx.backend.test.BackendTest(KilnBackend, __name__)`` runs ONNX's operator conformance cases
-through it (``tests/test_onnx_conformance.py``). Every failure is a :class:`~compiler.errors.KilnError`.
+``tests/test_onnx_conformance.py`` and ``scripts/onnx_conformance.py`` run ONNX's operator conformance
+cases through it (``run_case``, one forked child per case with ``run_isolated``) and compare outputs as
+ONNX's own backend test runner does (``compare``). Compile failures are :class:`~compiler.errors.KilnError`.
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ class KilnRep(BackendRep):
             names = [s.name for s in self.module.inputs]
             inputs = [inputs[n] for n in names]
         out = self.module.run(*[np.asarray(x) for x in inputs])
-        if len(self._sequence) == 1:  # run() unwraps a single output: wrap it again
+        if not isinstance(out, tuple) or len(self._sequence) == 1:  # run() unwraps a single output
             out = (out,)
-        elif not isinstance(out, tuple):
-            out = (out,)
-        return tuple(_as_list(o) if seq else o for o, seq in zip(out, self._sequence)) if self._sequence else out
+        if not self._sequence:
+            return out
+        return tuple(_as_list(o) if seq else o for o, seq in zip(out, self._sequence))
 
 
 class KilnBackend(Backend):

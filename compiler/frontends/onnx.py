@@ -363,9 +363,9 @@ class _TrackingImporter(_tvm_onnx.ONNXGraphImporter):
         return sym
 
     def _check_result(self, op_name: str, node: str, sym) -> None:
-        names = self._outputs.get(node, [])
         if op_name in ("SplitToSequence", "SequenceConstruct", "SequenceInsert", "SequenceErase", "Optional"):
             return  # one sequence-typed output, returned as a tuple of tensors
+        names = self._outputs.get(node, [])
         if isinstance(sym, relax.Tuple):
             types = [getattr(f, "ty", None) for f in sym.fields]
         elif isinstance(getattr(sym, "ty", None), relax.TupleType):
@@ -392,13 +392,11 @@ class _TrackingImporter(_tvm_onnx.ONNXGraphImporter):
 
 
 def _expected_types(model: onnx.ModelProto) -> dict:
-    """Shape (None where not static) and dtype of every tensor ONNX's shape inference can type."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception:  # noqa: BLE001 - no inference, no check (e.g. models over 2 GB)
-        return {}
+    """Shape (None where not static) and dtype of every tensor ONNX's shape inference typed: the
+    ``value_info`` that :func:`.onnx_fold.fold_constants` leaves from its last inference round (none if
+    inference failed: then nothing is checked)."""
     out = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+    for vi in list(model.graph.value_info) + list(model.graph.output):
         ttype = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
         if ttype is None or not ttype.elem_type:
             continue

@@ -32,6 +32,11 @@ def _node(attr) -> str:
     return attr.get("tvm_custom", {}).get("name", "")
 
 
+def _num_outputs(attr) -> int:
+    """How many outputs the ONNX node declares (TVM's importer records it with the node's name)."""
+    return attr.get("tvm_custom", {}).get("num_outputs", 1)
+
+
 def _shape(expr) -> list[int]:
     return [int(d) for d in expr.ty.shape]
 
@@ -174,7 +179,7 @@ def _batch_norm(bb, inputs, attr, opset, default):
     """``training_mode=1``: normalise with the batch's own mean and (population) variance and return
     the updated running statistics, as ONNX's reference does (TVM's converter used the running ones).
     Before opset 14 training is told by extra outputs, which TVM's converter drops: refused."""
-    outputs = attr.get("tvm_custom", {}).get("num_outputs", 1)
+    outputs = _num_outputs(attr)
     if opset < 14:
         if outputs > 1:
             _refuse("BatchNormalization", attr, f"{outputs} outputs (training mode of opset {opset})")
@@ -232,4 +237,4 @@ def _dropout(bb, inputs, attr, opset, default):
         if (training is None or bool(training)) and ratio != 0.0:
             _refuse("Dropout", attr, "training_mode (random dropout; export the model in eval mode)")
     mask = relax.op.ones(x.ty.shape, "bool")
-    return relax.Tuple([x, mask]) if attr.get("tvm_custom", {}).get("num_outputs", 1) > 1 else x
+    return relax.Tuple([x, mask]) if _num_outputs(attr) > 1 else x
