@@ -7,9 +7,8 @@
     same = compiler.load("model.so")
 """
 
-__version__ = "0.1.0"
-
-from .errors import KilnError  # noqa: E402
+from .errors import KilnError
+from .version import __version__
 
 
 def compile(model, target="x86", *, example_inputs=None, input_shapes=None, input_dtypes=None,
@@ -33,7 +32,7 @@ def compile(model, target="x86", *, example_inputs=None, input_shapes=None, inpu
     ``calibration``: required with ``precision="int8"``: a list of example input batches (NumPy
     arrays, or tuples of arrays for several inputs; a batch of N examples stacked on axis 0 is split).
     """
-    from .build import compile_model
+    from .driver import compile_model
 
     return compile_model(model, target, example_inputs=example_inputs, input_shapes=input_shapes,
                          input_dtypes=input_dtypes, tuning_logs=tuning_logs, precision=precision,
@@ -41,7 +40,8 @@ def compile(model, target="x86", *, example_inputs=None, input_shapes=None, inpu
 
 
 def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=None, time_budget=None,
-         log_dir="tuning_logs", resume=True, early_stopping=None, progress=None, rpc_tracker=None, rpc_key=None):
+         log_dir="tuning_logs", resume=True, early_stopping=None, progress=None, rpc_tracker=None, rpc_key=None,
+         precision="fp32", calibration=None):
     """Search schedules for ``model``'s kernels on ``target``; return a ``TuningReport``.
 
     Tasks are the fused kernels ``compile`` builds (same pipeline, so every record applies). The
@@ -77,17 +77,21 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
     that key at a TVM RPC tracker instead of on this machine (``compiler.remote``); they are built here
     (cross-compiled for ARM targets) and timed by MetaSchedule's ``RPCRunner``, one measurement worker per
     free device. This is how ARM targets are tuned; without a tracker a cross target is a ``TargetError``.
+
+    ``precision`` and ``calibration``: as for :func:`compile`; tuning runs the very same lowering
+    (``pipeline.lower``), so an fp16 or int8 compile finds the records an fp16 or int8 tuning run wrote.
     """
     from .tuning import tune as _tune
 
     return _tune(model, target, example_inputs=example_inputs, input_shapes=input_shapes, trials=trials,
                  time_budget=time_budget, log_dir=log_dir, resume=resume, early_stopping=early_stopping,
-                 progress=progress, rpc_tracker=rpc_tracker, rpc_key=rpc_key)
+                 progress=progress, rpc_tracker=rpc_tracker, rpc_key=rpc_key, precision=precision,
+                 calibration=calibration)
 
 
 def load(path, device: str = "cpu"):
     """Load a ``.so`` written by ``CompiledModule.export`` (no original model needed)."""
-    from .build import load_module
+    from .module import load as load_module
 
     return load_module(path, device=device)
 

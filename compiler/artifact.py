@@ -16,12 +16,41 @@ import tempfile
 from pathlib import Path
 
 from .errors import IncompatibleModuleError, ModelFormatError
+from .version import __version__, same_minor
 
 FORMAT_VERSION = 1
 _BEGIN, _END = b"KILN-METADATA-V1:", b":KILN-END"
 
 #: ELF e_machine values Kiln produces.
 ELF_MACHINES = {62: "x86_64", 183: "aarch64", 40: "arm"}
+
+
+def module_metadata(imported, desc, kernels) -> dict:
+    """The metadata every compiled artifact carries (a .so's embedded JSON, an MCU library's
+    kiln.json): format, Kiln version, target, inputs, fused kernels, parameters, FLOPs.
+    ``imported``: the :class:`compiler.frontends.ImportedModel`; ``desc``: the target description;
+    ``kernels``: the :class:`compiler.analysis.KernelInfo` table."""
+    return {
+        "format": FORMAT_VERSION,
+        "kiln_version": __version__,
+        "target": desc.to_json(),
+        "target_fingerprint": desc.fingerprint(),
+        "source": imported.source,
+        "inputs": [s.to_json() for s in imported.inputs],
+        "kernels": [k.to_json() for k in kernels],
+        "params": imported.num_params,
+        "flops": sum(k.flops for k in kernels),
+    }
+
+
+def check_version(meta: dict, path) -> None:
+    """An :class:`IncompatibleModuleError` unless the module at ``path`` was written in this metadata
+    format by a Kiln of the same minor version."""
+    if meta.get("format") != FORMAT_VERSION or not same_minor(meta.get("kiln_version", ""), __version__):
+        raise IncompatibleModuleError(
+            f"{path} was written by Kiln {meta.get('kiln_version', '?')} (metadata format "
+            f"{meta.get('format', '?')}); this is Kiln {__version__}: recompile the model"
+        )
 
 
 def _metadata_source(meta: dict) -> str:

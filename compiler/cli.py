@@ -309,12 +309,11 @@ def _cmd_package(args) -> int:
 def _cmd_targets(_args) -> int:
     import targets
 
-    from compiler.build import buildable
 
     rows = [("name", "family", "cpu / arch", "cores", "vector", "builds", "features", "aliases")]
     for d in targets.all_descriptions():
         rows.append((d.name, d.family, d.cpu or d.arch, str(d.cores), f"{d.vector_bits}b",
-                     "yes" if buildable(d) else "not yet", ",".join(d.features) or "-", ",".join(d.aliases) or "-"))
+                     "yes" if d.buildable else "not yet", ",".join(d.features) or "-", ",".join(d.aliases) or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

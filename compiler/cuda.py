@@ -44,6 +44,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from targets import has_gpu  # noqa: F401  (compiler.cuda.has_gpu: this module's users ask it here)
+
 from .errors import CompileError, IncompatibleModuleError, TargetError
 
 #: Precisions ``compile(..., precision=...)`` accepts (fp16: NVIDIA GPUs; int8: CPUs and microcontrollers).
@@ -209,16 +211,6 @@ def build_environment(target_name: str = "cuda"):
 
 
 # -- the GPU at run time ---------------------------------------------------------------------------
-def has_gpu() -> bool:
-    """True when a CUDA GPU is usable from this process (``tvm.cuda(0).exist``)."""
-    try:
-        import tvm
-
-        return bool(tvm.cuda(0).exist)
-    except Exception:  # noqa: BLE001 - no CUDA runtime at all
-        return False
-
-
 def _arch_version(arch: str) -> tuple[int, int]:
     digits = arch.removeprefix("sm_").rstrip("af")
     return int(digits[:-1]), int(digits[-1])

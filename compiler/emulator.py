@@ -30,7 +30,6 @@ import json
 import os
 import select
 import shutil
-import statistics
 import subprocess
 import tempfile
 import threading
@@ -40,7 +39,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import IncompatibleModuleError, InputShapeError, KilnError
+from . import artifact
+from .errors import IncompatibleModuleError, KilnError
+from .module_base import BenchmarkResult, ModuleBase
 
 TIMING_NOTE = ("timings under emulation (QEMU user mode) are for correctness checks only: they say nothing "
                "about the speed of a real board")
@@ -286,15 +287,12 @@ def session() -> Session:
 
 
 # ------------------------------------------------------------------------------ CompiledModule-like use
-class EmulatedModule:
+class EmulatedModule(ModuleBase):
     """An aarch64 module file run on the emulated device, used like a :class:`CompiledModule`."""
 
     def __init__(self, path: str | os.PathLike):
-        from . import artifact
-        from .frontends import TensorSpec
-
         self.path = Path(path)
-        self.meta = artifact.read_metadata(self.path)
+        super().__init__(artifact.read_metadata(self.path))
         machine = artifact.elf_machine(self.path)
         if machine != "aarch64":
             hint = ("a 32-bit ARM module needs a TVM runtime built for armv7 and qemu-arm; the emulated "
@@ -302,36 +300,6 @@ class EmulatedModule:
                     "load it with compiler.load (no emulation needed)" if machine == "x86_64" else "")
             raise IncompatibleModuleError(
                 f"{self.path} was built for {machine} (target {self.meta['target']['name']!r}), not aarch64: {hint}")
-        self.inputs = [TensorSpec.from_json(d) for d in self.meta["inputs"]]
-        self.outputs = [TensorSpec.from_json(d) for d in self.meta["outputs"]]
-
-    from .module import CompiledModule as _CM  # borrow the pure-metadata helpers
-
-    random_inputs = _CM.random_inputs
-    summary = _CM.summary
-    target = _CM.target
-    del _CM
-
-    def _arrange(self, arrays: Sequence, named: dict) -> list[np.ndarray]:
-        """Inputs in order, checked against the module's input specs (as ``CompiledModule.run`` does)."""
-        if len(arrays) + len(named) != len(self.inputs):
-            raise InputShapeError(f"the model takes {len(self.inputs)} input(s) "
-                                  f"({', '.join(s.name for s in self.inputs)}); got {len(arrays) + len(named)}")
-        unknown = sorted(set(named) - {s.name for s in self.inputs})
-        if unknown:
-            raise InputShapeError(f"unknown input name(s) {unknown}; inputs are {sorted(s.name for s in self.inputs)}")
-        by_pos, values = list(arrays), []
-        for spec in self.inputs:
-            arr = np.asarray(named[spec.name] if spec.name in named else by_pos.pop(0))
-            if tuple(arr.shape) != spec.shape:
-                raise InputShapeError(f"input {spec.name!r} has shape {list(arr.shape)}; the module was "
-                                      f"compiled for {list(spec.shape)}")
-            if str(arr.dtype) != spec.dtype:
-                if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
-                    raise InputShapeError(f"input {spec.name!r} has dtype {arr.dtype}; expected {spec.dtype}")
-                arr = arr.astype(spec.dtype)
-            values.append(np.require(arr, requirements="C"))  # keeps rank 0
-        return values
 
     @staticmethod
     def _shape_outputs(outs: list[np.ndarray]):
@@ -351,16 +319,11 @@ class EmulatedModule:
 
     def benchmark(self, *arrays, repeat: int = 10, warmup: int = 2, **named):
         """Time runs on the emulated device. Timings are for correctness checks only (see TIMING_NOTE)."""
-        from .module import BenchmarkResult
-
         if not arrays and not named:
             arrays = tuple(self.random_inputs())
         args = self._arrange(arrays, named)
         _, rec = session().run(self.path, args, warmup=warmup, repeat=max(repeat, 1))
-        times = rec["times_ms"]
-        return BenchmarkResult(statistics.mean(times), statistics.median(times),
-                               statistics.stdev(times) if len(times) > 1 else 0.0, min(times), max(times),
-                               len(times))
+        return BenchmarkResult.from_times(rec["times_ms"])
 
     def __repr__(self) -> str:
         return f"<EmulatedModule {self.path} target={self.meta['target']['name']} (emulated aarch64)>"

@@ -7,16 +7,16 @@ from .analysis import FLOPS_NOTE, kernel_table, layer_table
 
 def model_info(model, *, target="x86", input_shapes=None, example_inputs=None) -> str:
     """A printable report: one row per operator (after graph optimisation), totals, fused kernels."""
-    from . import pipeline
-    from .build import import_model, resolve_target
+    import targets
 
-    desc = resolve_target(target)
-    imported = import_model(model, example_inputs=example_inputs, input_shapes=input_shapes)
+    from . import pipeline
+
+    desc = targets.resolve(target)
+    lowered = pipeline.lower(model, desc, example_inputs=example_inputs, input_shapes=input_shapes)
+    imported = lowered.imported
     original = layer_table(imported.mod)
-    prepared = pipeline.prepare(imported.mod, desc)
-    layers = layer_table(prepared)
-    fused, groups = pipeline.fuse(prepared, desc)
-    kernels = kernel_table(fused, groups)
+    layers = layer_table(lowered.prepared)
+    kernels = kernel_table(lowered.fused, lowered.groups)
 
     lines = [f"model {model if isinstance(model, str) else type(model).__name__} ({imported.source})"]
     lines += [f"  input  {s.name}: {list(s.shape)} {s.dtype}" for s in imported.inputs]

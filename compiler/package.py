@@ -122,7 +122,7 @@ def runtime_files(desc: TargetDescription) -> tuple[Path, Path, Path]:
 
 def build_runner(desc: TargetDescription, out: Path, libdir: Path, include: Path) -> Path:
     """Compile the C++ runner for ``desc`` into ``out`` (links ``libdir``'s runtime, rpath ``$ORIGIN/lib``)."""
-    from .build import check_cross_compiler
+    from .toolchain import check_cross_compiler
 
     cxx = desc.cross_compiler or shutil.which("g++") or shutil.which("c++")
     if not cxx:
@@ -157,11 +157,10 @@ def package(module: str | os.PathLike, out_dir: str | os.PathLike | None = None,
 
     ``target``: the board (a name from ``kiln targets`` or a description); default: the target the
     module was compiled for. ``out_dir`` defaults to ``<module stem>-<target>-bundle`` beside it."""
-    from .build import resolve_target
 
     path = Path(module)
     meta = artifact.read_metadata(path)
-    desc = resolve_target(target) if target is not None else TargetDescription.from_json(meta["target"])
+    desc = targets.resolve(target) if target is not None else TargetDescription.from_json(meta["target"])
     if desc.host:
         desc = targets.host_description()
     _check_target(meta, path, desc)

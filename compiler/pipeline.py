@@ -1,11 +1,13 @@
-"""Kiln's pass pipeline, as named steps shared by compile and tune.
+"""Kiln's pass pipeline, as named steps shared by every entry point.
 
-    imported Relax ──prepare──▶ graph-optimised Relax ──fuse──▶ fused TIR kernels
-                  ──schedule──▶ scheduled kernels ──build──▶ executable
+    model ──import──▶ Relax ──prepare──▶ graph-optimised Relax ──[int8 quantize | fp16]──▶
+          ──fuse──▶ fused TIR kernels ──schedule──▶ scheduled kernels ──build──▶ executable
 
-``prepare`` and ``fuse`` are deterministic functions of (module, target): tuning extracts its tasks
-from the output of ``fuse`` and compiling applies records to that very output, so the structural
-hashes MetaSchedule keys its records by always match (see DEVELOPERS.md).
+:func:`lower` runs the front half (import to fuse) and is the one function compile, tune, the
+microcontroller path and ``kiln info`` call: tuning extracts its tasks from the kernels ``lower``
+returns and compiling applies records to those very kernels, so the structural hashes MetaSchedule
+keys its records by always match (docs/design.md). ``prepare`` and ``fuse`` are deterministic
+functions of (module, target).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from dataclasses import dataclass
 
 import tvm
 from tvm import relax
@@ -20,17 +23,95 @@ from tvm import relax
 from targets import TargetDescription
 
 from . import graph_passes
-from .errors import CompileError, KilnError
+from .errors import CompileError, InputShapeError, KilnError
+from .frontends import ImportedModel, TensorSpec
 
 log = logging.getLogger(__name__)
 
 
-def prepare(mod: tvm.IRModule, target: TargetDescription) -> tvm.IRModule:
-    """Graph-level optimisation on Relax: inference decompositions, constant folding, BatchNorm and
-    per-channel affine folding into convolutions, and the target's preferred data layouts."""
+@dataclass(frozen=True)
+class Lowered:
+    """What :func:`lower` returns: the ``target``, the ``imported`` model, the graph-optimised module
+    (``prepared``: before int8 quantization, after fp16 mixed precision), the ``precision``, the
+    quantization report (``quant``: int8 only), and the ``fused`` module whose PrimFuncs are the
+    kernels, with ``groups``: each kernel's operator names."""
+
+    target: TargetDescription
+    imported: ImportedModel
+    prepared: tvm.IRModule
+    precision: str
+    quant: object | None
+    fused: tvm.IRModule
+    groups: dict[str, tuple[str, ...]]
+
+
+def lower(model, target, *, example_inputs=None, input_shapes=None, input_dtypes=None, precision: str = "fp32",
+          calibration=None) -> Lowered:
+    """Import ``model`` and run it through prepare, quantization or mixed precision, and fuse for
+    ``target`` (a :class:`TargetDescription`); each step is a :func:`stage`, so a failure is a
+    :class:`CompileError` naming it. Installs Kiln's TVM hooks first (``schedules.install_hooks``).
+    ``model`` and the keywords are those of :func:`compiler.compile`."""
     import schedules
 
+    from . import precision as precisions
+    from . import quantize
+    from .frontends import import_model
+
+    precisions.check_precision(precision, target)
+    quantize.check_calibration(precision, calibration)
     schedules.install_hooks()
+    with stage("import"):
+        imported = import_model(model, example_inputs=example_inputs, input_shapes=input_shapes,
+                                input_dtypes=input_dtypes)
+    if target.family == "mcu":
+        for spec in imported.inputs:
+            if not all(isinstance(d, int) for d in spec.shape):
+                raise InputShapeError(f"input {spec.name!r} has a dynamic shape {list(spec.shape)}: microcontroller "
+                                      "builds need static shapes; fix it with input_shapes={...} / --input-shape")
+    with stage("graph optimisation (prepare)", imported.mod):
+        prepared = precisions.mixed_precision(prepare(imported.mod, target), precision)
+    quantized, quant = prepared, None
+    if precision == "int8":  # post-training static quantization (compiler/quantize.py)
+        if target.family != "mcu":
+            log.warning("precision='int8' on %s: the weights shrink 4x and the outputs stay within the stated "
+                        "tolerance, but Kiln has no int8 (VNNI / dot-product) CPU schedules yet, so int8 kernels "
+                        "run slower than fp32 ones (ResNet-18 on x86: about 2.3x); use fp32 for speed", target.name)
+        with stage("int8 quantization", prepared):
+            quantized, quant = quantize.quantize(prepared, calibration, imported.inputs)
+    with stage("lowering and fusion (fuse)", quantized):
+        fused, groups = fuse(quantized, target)
+    return Lowered(target, imported, prepared, precision, quant, fused, groups)
+
+
+def output_specs(lowered: Lowered) -> list[TensorSpec]:
+    """The static shape and dtype of every output of the fused module; an output whose shape depends
+    on the input data (NonZero, Unique, a Slice by computed bounds...) is a CompileError naming it."""
+    ret = lowered.fused["main"].ret_ty
+    names = lowered.imported.output_names
+    infos = list(ret.fields) if hasattr(ret, "fields") else [ret]
+    specs, dynamic = [], []
+    for i, info in enumerate(infos):
+        name = names[i] if i < len(names) else f"output_{i}"
+        shape = getattr(info, "shape", None)
+        values = getattr(shape, "values", shape)
+        try:
+            specs.append(TensorSpec(name, tuple(int(d) for d in values), str(info.dtype)))
+        except (TypeError, ValueError, AttributeError):
+            dynamic.append(name)
+    if dynamic:
+        raise CompileError(
+            f"the shape of output(s) {', '.join(map(repr, dynamic))} depends on the input data (NonZero, Unique, "
+            "Compress, or a Slice/Expand/Tile by computed amounts produce such shapes); Kiln compiles static "
+            "shapes: freeze the inputs those amounts come from, or compute that part outside the model")
+    return specs
+
+
+def prepare(mod: tvm.IRModule, target: TargetDescription) -> tvm.IRModule:
+    """Graph-level optimisation on Relax: inference decompositions, constant folding, BatchNorm and
+    per-channel affine folding into convolutions, and the target's preferred data layouts. Expects
+    ``schedules.install_hooks()`` to have run (:func:`lower` runs it)."""
+    import schedules
+
     steps = [graph_passes.HalfComputeInFloat] if target.family in ("x86", "arm") else []
     steps += [
         relax.transform.DecomposeOpsForInference(),
@@ -135,7 +216,8 @@ def build(mod: tvm.IRModule, target: TargetDescription) -> relax.VMExecutable:
     """Lower the scheduled module to a VM executable (memory planning, codegen).
 
     The family's TVM backend passes (library dispatch, dataflow lowering, finalisation), not its
-    legalisation: ``fuse`` and ``schedule`` already did that. CUDA builds need
+    legalisation: ``fuse`` and ``schedule`` already did that (after :func:`lower`, whose hooks the
+    vector-math lowerings need). CUDA builds need
     ``compiler.cuda.build_environment`` around this call to embed compiled device code."""
     if target.family == "cuda":
         from tvm.relax.backend.cuda import pipeline as backend
@@ -149,9 +231,6 @@ def build(mod: tvm.IRModule, target: TargetDescription) -> relax.VMExecutable:
         + backend.finalize_passes(tvm_target),
         name="kiln.finalize",
     )
-    import schedules
-
-    schedules.install_hooks()
     with tvm_target:
         return tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline)
 

@@ -26,14 +26,15 @@ import json
 import os
 import platform
 import socket
-import statistics
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from . import artifact
 from .errors import IncompatibleModuleError, RemoteError
+from .module_base import BenchmarkResult, ModuleBase
 
 #: Seconds to wait for a TCP connection to a tracker or server before calling it unreachable.
 CONNECT_TIMEOUT_S = 5.0
@@ -239,7 +240,7 @@ def check_arch(module_arch: str, info: DeviceInfo, where: str, what: str) -> Non
 
 
 # ------------------------------------------------------------------------------ running a module
-class RemoteModule:
+class RemoteModule(ModuleBase):
     """A Kiln ``.so`` uploaded to a remote device and loaded in its Relax VM; used like a
     :class:`CompiledModule` (``inputs``, ``outputs``, ``run``, ``benchmark``, ``random_inputs``).
     ``device`` is the :class:`DeviceInfo`; ``emulated`` is True when its timings are for correctness only.
@@ -248,14 +249,9 @@ class RemoteModule:
     def __init__(self, path: str | os.PathLike, session, where: str):
         from tvm import relax
 
-        from . import artifact
-        from .frontends import TensorSpec
-
         self.path = Path(path)
         self.where = where
-        self.meta = artifact.read_metadata(self.path)
-        self.inputs = [TensorSpec.from_json(d) for d in self.meta["inputs"]]
-        self.outputs = [TensorSpec.from_json(d) for d in self.meta["outputs"]]
+        super().__init__(artifact.read_metadata(self.path))
         if self.meta["target"].get("kind") != "llvm":
             raise IncompatibleModuleError(f"{self.path} targets {self.meta['target']['name']!r}: Kiln runs CPU "
                                           "(LLVM) modules over RPC")
@@ -277,19 +273,10 @@ class RemoteModule:
     def emulated(self) -> bool:
         return bool(self.device.emulated)
 
-    from .module import CompiledModule as _CM  # the pure-metadata helpers
-
-    random_inputs = _CM.random_inputs
-    summary = _CM.summary
-    target = _CM.target
-    del _CM
-
     def _set_inputs(self, arrays: Sequence, named: dict) -> None:
         import tvm
 
-        from .emulator import EmulatedModule
-
-        values = EmulatedModule._arrange(self, arrays, named)  # same checks as every other module
+        values = self._arrange(arrays, named)
         self._vm.set_input("main", *[tvm.runtime.tensor(v, self._dev) for v in values])
 
     def run(self, *arrays, **named):
@@ -305,18 +292,13 @@ class RemoteModule:
         """Time ``main`` on the device with the VM's ``time_evaluator`` (one call per timed run, after
         ``warmup`` calls; the clock is the device's, so the network is not timed). Under emulation the
         figures are for correctness only."""
-        from .module import BenchmarkResult
-
         if not arrays and not named:
             arrays = tuple(self.random_inputs())
         self._set_inputs(arrays, named)
         for _ in range(warmup):
             self._vm.invoke_stateful("main")
         timer = self._vm.time_evaluator("invoke_stateful", self._dev, number=1, repeat=max(repeat, 1))
-        times = [float(t) * 1e3 for t in timer("main").results]
-        return BenchmarkResult(statistics.mean(times), statistics.median(times),
-                               statistics.stdev(times) if len(times) > 1 else 0.0, min(times), max(times),
-                               len(times))
+        return BenchmarkResult.from_times([float(t) * 1e3 for t in timer("main").results])
 
     def close(self) -> None:
         """End the session (the server then serves the next client; a tracker hands the device out again)."""
@@ -348,8 +330,6 @@ def load(path: str | os.PathLike, *, rpc: str | None = None, tracker: str | None
          wait: float = WAIT_FOR_DEVICE_S) -> RemoteModule:
     """Upload the Kiln module at ``path`` to a device and load it there: the RPC server at ``rpc``
     (``host:port``), or a free device under ``key`` at the tracker ``tracker`` (``host:port``)."""
-    from . import artifact
-
     artifact.read_metadata(path)  # a missing or foreign file fails before any connection
     if (rpc is None) == (tracker is None):
         raise RemoteError("give either an RPC server (rpc='host:port') or a tracker and a key "
@@ -399,7 +379,7 @@ def tuning_parts(tracker: str, key: str, desc, *, build_workers: int | None = No
     from schedules import search
     from tvm.s_tir import meta_schedule as ms
 
-    from .build import check_cross_compiler
+    from .toolchain import check_cross_compiler
 
     check_cross_compiler(desc)
     status = check_key(tracker, key)

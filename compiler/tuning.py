@@ -239,19 +239,21 @@ def read_progress(path) -> list[dict]:
 
 def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=None, time_budget=None,
          log_dir="tuning_logs", resume=True, early_stopping=None, progress=None, rpc_tracker=None,
-         rpc_key=None) -> TuningReport:
+         rpc_key=None, precision="fp32", calibration=None) -> TuningReport:
     """See :func:`compiler.tune`."""
     import tvm_ffi
 
     from schedules import database as logs_db
     from schedules import search
 
-    from . import __version__, pipeline
-    from .build import buildable, import_model, resolve_target
-    from .module import _use_all_cores
+    import targets
+
+    from . import pipeline
+    from .module import use_all_cores
+    from .version import __version__
 
     t_start = time.perf_counter()
-    desc = resolve_target(target)
+    desc = targets.resolve(target)
     if rpc_tracker is not None:  # measured on the devices under rpc_key (compiler.remote): checked now
         from . import remote
 
@@ -260,11 +262,11 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
             log_dir = Path(log_dir) / EMULATED_SUBDIR
             log.warning("records measured on emulated devices go to %s, apart from real boards' logs "
                         "(compile with tuning_logs=%s to use them, for correctness checks)", log_dir, log_dir)
-    elif desc.family == "cuda" and buildable(desc) and desc.is_cross:
+    elif desc.family == "cuda" and desc.buildable and desc.is_cross:
         raise TargetError(f"target {desc.name!r} (NVIDIA {desc.arch}) is tuned on a machine with that GPU, and this "
                           "one has none usable (no NVIDIA driver, or tvm.cuda(0) does not exist): run the same "
                           "`kiln tune` there, then compile anywhere with its logs (--tuning-logs DIR)")
-    elif not buildable(desc) or desc.is_cross:
+    elif not desc.buildable or desc.is_cross:
         raise TargetError(f"target {desc.name!r} ({desc.family}) cannot be tuned on this machine: its kernels "
                           "must be measured on the device. The x86 targets tune here; ARM targets through an RPC "
                           "tracker with devices registered under a key (--rpc-tracker HOST:PORT --rpc-key KEY; "
@@ -280,9 +282,10 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
     if not isinstance(early_stopping, int) or early_stopping < 0:
         raise TuningError(f"early_stopping must be a number of trials >= 0 (0: off), got {early_stopping!r}")
 
-    imported = import_model(model, example_inputs=example_inputs, input_shapes=input_shapes)
+    lowered = pipeline.lower(model, desc, example_inputs=example_inputs, input_shapes=input_shapes,
+                             precision=precision, calibration=calibration)
+    imported, fused = lowered.imported, lowered.fused
     name = str(model) if isinstance(model, (str, Path)) else imported.source
-    fused, _groups = pipeline.fuse(pipeline.prepare(imported.mod, desc), desc)
     tvm_target = desc.to_tvm()
     tasks = search.extract_tasks(fused, tvm_target)
     if not tasks:
@@ -304,7 +307,7 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
     logs_db.record_model(logs.work, name, [(t.name, k, t.weight) for t, k in zip(tasks, keys)])
     # Candidates are measured in worker processes: let them use every core, as compiled modules do
     # (TVM's runtime would otherwise start one thread on this 2-core machine and tune for that).
-    _use_all_cores()
+    use_all_cores()
     searcher = None  # started when something must be measured: a finished run starts no workers
     cost_model_path = str(logs.work / logs_db.COST_MODEL_FILE)
     # CUDA: candidates embed nvcc-compiled device code, as compile's builds do (compiler/cuda.py); the

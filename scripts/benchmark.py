@@ -37,7 +37,7 @@ def plain_tvm_ms(name: str, arrays: list, repeat: int) -> tuple[float, float]:
     from tvm import relax
 
     import targets
-    from compiler.build import import_model
+    from compiler.frontends import import_model
 
     t0 = time.perf_counter()
     ex = tvm.compile(import_model(f"zoo:{name}").mod, target=targets.get("x86").to_tvm())

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jsonl", help="write one JSON line per case here")
     args = ap.parse_args(argv)
     # imported once, before forking: each child starts with TVM, the frontends and the pipeline loaded
-    import compiler.build  # noqa: F401
+    import compiler.driver  # noqa: F401
     import compiler.frontends.onnx  # noqa: F401
     import compiler.onnx_backend  # noqa: F401
     import onnxruntime  # noqa: F401

@@ -10,7 +10,7 @@ kernel's default schedule once, not counted as a trial). Prints trials, seconds,
 
     python scripts/trials_per_second.py [--model zoo:mlp] [--trials 24] [--order kiln-first]
 
-``tune_relax`` gets the fused module Kiln extracts its tasks from (``pipeline.fuse(pipeline.prepare(...))``;
+``tune_relax`` gets the fused module Kiln extracts its tasks from (``pipeline.lower(...).fused``;
 MetaSchedule 0.27's task extraction expects a module already legalized and fused), so both tune the same
 kernels.
 """
@@ -34,13 +34,12 @@ def run_tune_relax(model: str, trials: int, per_iter: int, work: str) -> dict:
 
     import targets
     from compiler import pipeline
-    from compiler.build import import_model
-    from compiler.module import _use_all_cores
+    from compiler.module import use_all_cores
 
-    _use_all_cores()  # as compiler.tune does: measurements use every core
+    use_all_cores()  # as compiler.tune does: measurements use every core
     desc = targets.get("x86")
     t0 = time.perf_counter()
-    mod, _ = pipeline.fuse(pipeline.prepare(import_model(model).mod, desc), desc)
+    mod = pipeline.lower(model, desc).fused
     target = desc.to_tvm()
     tasks = ms.relax_integration.extract_tasks(mod, target)
     db = ms.relax_integration.tune_relax(

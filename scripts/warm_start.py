@@ -89,11 +89,10 @@ def existing_trials(model, inputs, log_dir: Path) -> int:
 
     import targets
     from compiler import pipeline
-    from compiler.build import import_model
     from schedules import database, search
 
     desc = targets.get("x86")
-    fused, _ = pipeline.fuse(pipeline.prepare(import_model(model, example_inputs=inputs).mod, desc), desc)
+    fused = pipeline.lower(model, desc, example_inputs=inputs).fused
     keys = [str(tvm_ffi.structural_hash(t.mod)) for t in search.extract_tasks(fused, desc.to_tvm())]
     counts = database.open_logs(log_dir, desc, create=False).record_counts()
     return sum(counts.get(k, 0) for k in keys)

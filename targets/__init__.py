@@ -64,11 +64,16 @@ class TargetDescription:
         return feature in self.features
 
     @property
+    def buildable(self) -> bool:
+        """True when Kiln can compile for this target: x86 and ARM Linux (LLVM, ARM by cross-compiling),
+        microcontrollers (C), NVIDIA GPUs (CUDA, with nvcc)."""
+        return ((self.family in ("x86", "arm") and self.kind == "llvm") or (self.family == "mcu" and self.kind == "c")
+                or (self.family == "cuda" and self.kind == "cuda"))
+
+    @property
     def is_cross(self) -> bool:
         """True when code for this target cannot run on the machine Kiln runs on (CUDA: no GPU here)."""
         if self.kind == "cuda":
-            from compiler.cuda import has_gpu
-
             if self.triple and not self.triple.startswith("x86_64"):  # a GPU with an ARM host (Jetson)
                 return True
             return not has_gpu()
@@ -157,6 +162,27 @@ _FIELD_TYPES = {
 }
 
 
+def resolve(target) -> TargetDescription:
+    """A target name (or alias), a :class:`TargetDescription`, or an LLVM ``tvm.target.Target``
+    (described as this machine's x86 with that CPU); a ``TargetError`` otherwise."""
+    from compiler.errors import TargetError
+
+    if isinstance(target, TargetDescription):
+        return target
+    if isinstance(target, str):
+        return get(target)
+    try:
+        import tvm
+
+        if isinstance(target, tvm.target.Target) and target.kind.name == "llvm":
+            host = get("x86")
+            mcpu = str(target.attrs.get("mcpu", ""))
+            return dataclasses.replace(host, name=f"llvm-{mcpu or 'generic'}", cpu=mcpu or host.cpu, host=False)
+    except ImportError:  # pragma: no cover
+        pass
+    raise TargetError(f"target must be a name from `kiln targets` or a TargetDescription, not {target!r}")
+
+
 # -- host detection ----------------------------------------------------------------------------
 _X86_FLAG_MAP = {  # /proc/cpuinfo flag -> Kiln feature name
     "avx2": "avx2",
@@ -194,6 +220,16 @@ def _cache_kb(level: int, kind: str) -> int:
         except (OSError, ValueError):
             continue
     return 0
+
+
+def has_gpu() -> bool:
+    """True when a CUDA GPU is usable from this process (``tvm.cuda(0).exist``)."""
+    try:
+        import tvm
+
+        return bool(tvm.cuda(0).exist)
+    except Exception:  # noqa: BLE001 - no CUDA runtime at all
+        return False
 
 
 @functools.lru_cache(maxsize=1)

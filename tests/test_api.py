@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import compiler
-from compiler.module import BenchmarkResult, ModuleSummary
+from compiler.module_base import BenchmarkResult, ModuleSummary
 from conftest import (assert_close, export_onnx, numpy_inputs, onnx_input_names, run_fresh_python, run_ort,
                       run_torch, zoo_model)
 

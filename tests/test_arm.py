@@ -19,7 +19,6 @@ from conftest import assert_close, run_torch, zoo_model
 import compiler
 import targets
 from compiler import artifact, cli, emulator
-from compiler.build import buildable
 from compiler.errors import IncompatibleModuleError, InputShapeError, KilnError, TargetError
 
 AARCH64 = ["rpi4", "rpi5", "jetson-orin-cpu", "graviton3"]
@@ -73,7 +72,7 @@ def test_arm_target_descriptions(name, cpu, features):
     d = targets.get(name)
     assert d.family == "arm" and d.kind == "llvm" and d.cpu == cpu and set(d.features) == features
     assert d.is_cross and d.cross_compiler and d.cores >= 1 and d.l1d_kb > 0 and d.remote
-    assert buildable(d)
+    assert d.buildable
     t = d.to_tvm()
     assert str(t.attrs["mcpu"]) == cpu and str(t.attrs["mtriple"]) == d.triple
     # the features reach LLVM: TVM's own view of the target agrees with the description

@@ -49,10 +49,9 @@ def built(tmp_path_factory):
 # -- targets ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,arch", sorted(GPU_TARGETS.items()))
 def test_gpu_targets(name, arch):
-    from compiler.build import buildable
 
     d = targets.get(name)
-    assert d.family == "cuda" and d.kind == "cuda" and d.arch == arch and buildable(d)
+    assert d.family == "cuda" and d.kind == "cuda" and d.arch == arch and d.buildable
     assert targets.get(arch) == d  # every architecture is also an alias
     assert {"tensorcore", "fp16"} <= set(d.features) and d.cores > 0 and d.l2_kb > 0 and d.ram_kb > 0
     assert ("bf16" in d.features) == (arch != "sm_75")
@@ -111,21 +110,19 @@ def test_depthwise_conv_uses_kiln_rule():
     GeneralReduction, which spends a thread block per output element)."""
     import tvm
 
-    from compiler import build, pipeline
+    from compiler import pipeline
     from schedules.cuda import rules
     from schedules.cuda.conv import WindowedReduction
 
     model = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.ReLU())
     desc = targets.get("h100")
-    imported = build.import_model(model, example_inputs=(torch.randn(1, 16, 32, 32),))
-    fused, _ = pipeline.fuse(pipeline.prepare(imported.mod, desc), desc)
+    fused = pipeline.lower(model, desc, example_inputs=(torch.randn(1, 16, 32, 32),)).fused
     (func,) = [f for gv, f in fused.functions_items() if "conv2d" in gv.name_hint]
     with desc.to_tvm():
         chosen = next(type(r).__name__ for r in rules() if r.apply(func, desc.to_tvm(), False) is not None)
         assert chosen == "WindowedReduction"
         dense = torch.nn.Conv2d(64, 64, 3, padding=1)
-        dense_fused, _ = pipeline.fuse(pipeline.prepare(
-            build.import_model(dense, example_inputs=(torch.randn(1, 64, 16, 16),)).mod, desc), desc)
+        dense_fused = pipeline.lower(dense, desc, example_inputs=(torch.randn(1, 64, 16, 16),)).fused
         (dense_func,) = [f for gv, f in dense_fused.functions_items() if "conv2d" in gv.name_hint]
         assert WindowedReduction().apply(dense_func, desc.to_tvm(), False) is None  # DLight's Matmul takes it
     assert isinstance(func, tvm.tirx.PrimFunc)
@@ -246,11 +243,10 @@ def test_module_for_other_gpu_is_refused(tmp_path):
 # -- tuning -------------------------------------------------------------------------------------
 def _gpu_tasks(target: str, model: str = "tiny_cnn"):
     from compiler import pipeline
-    from compiler.build import import_model
     from schedules import search
 
     desc = targets.get(target)
-    fused, _ = pipeline.fuse(pipeline.prepare(import_model(f"zoo:{model}").mod, desc), desc)
+    fused = pipeline.lower(f"zoo:{model}", desc).fused
     return desc, search.extract_tasks(fused, desc.to_tvm())
 
 

@@ -259,11 +259,11 @@ def _tiny_compiled():
 
 def test_load_module_from_another_kiln_version(tmp_path, monkeypatch):
     model, x = _tiny_compiled()
-    import compiler.build
+    import compiler.artifact
 
-    monkeypatch.setattr(compiler.build, "__version__", "9.9.0")
+    monkeypatch.setattr(compiler.artifact, "__version__", "9.9.0")
     compiler.compile(model, example_inputs=(x,)).export(tmp_path / "future.so")
-    monkeypatch.setattr(compiler.build, "__version__", "0.1.7")  # same minor: compatible
+    monkeypatch.setattr(compiler.artifact, "__version__", "0.1.7")  # same minor: compatible
     compiler.compile(model, example_inputs=(x,)).export(tmp_path / "patch.so")
     monkeypatch.undo()
 

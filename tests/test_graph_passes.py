@@ -1,7 +1,7 @@
 """``FoldAffineIntoConv``: BatchNorm, conv bias and per-channel affine chains fold into conv weights.
 
 Each case is a small torch model with non-trivial BatchNorm statistics. It is checked three ways:
-the graph Kiln prepares (``pipeline.prepare`` on ``build.import_model``) has no affine op left after
+the graph Kiln prepares (``pipeline.prepare`` on ``frontends.import_model``) has no affine op left after
 the convolution; the pass alone (no layout change, TVM's plain build, no Kiln schedules) matches
 PyTorch; and the full ``compiler.compile`` matches PyTorch.
 """
@@ -17,10 +17,11 @@ from torch import nn
 from tvm import relax
 
 import compiler
+import schedules
 import targets
 from compiler import graph_passes, pipeline
 from compiler.analysis import layer_table
-from compiler.build import import_model
+from compiler.frontends import import_model
 from conftest import assert_close, run_torch
 
 AFFINE = {"add", "subtract", "multiply", "divide"}
@@ -158,6 +159,7 @@ def test_affine_chain_folds_into_conv(case):
     assert_close(_run_plain_tvm(folded, x.numpy()), want, what=f"{case}: FoldAffineIntoConv (plain TVM build)")
 
     # 2. Kiln's prepared graph (with the x86 layout conversion) has the same shape
+    schedules.install_hooks()  # as pipeline.lower does before prepare
     prepared = pipeline.prepare(imported.mod, targets.get("x86"))
     after = _after_convs(_ops(prepared))
     assert after[:2] == ["nn.conv2d", "add"], after
@@ -216,8 +218,8 @@ def test_prepare_is_deterministic():
     model = ConvBiasBNReLU().eval()
     x = _input((1, 8, 12, 12))
     d = targets.get("x86")
-    a = pipeline.fuse(pipeline.prepare(import_model(model, example_inputs=(x,)).mod, d), d)[0]
-    b = pipeline.fuse(pipeline.prepare(import_model(model, example_inputs=(x,)).mod, d), d)[0]
+    a = pipeline.lower(model, d, example_inputs=(x,)).fused
+    b = pipeline.lower(model, d, example_inputs=(x,)).fused
     assert tvm_ffi.structural_hash(a) == tvm_ffi.structural_hash(b)
     tvm.ir.assert_structural_equal(a, b)
 
@@ -227,7 +229,7 @@ def test_schedule_does_not_modify_its_input():
     torch.manual_seed(0)
     model = nn.Linear(48, 20).eval()
     d = targets.get("x86")
-    fused, _ = pipeline.fuse(pipeline.prepare(import_model(model, example_inputs=(torch.randn(5, 48),)).mod, d), d)
+    fused = pipeline.lower(model, d, example_inputs=(torch.randn(5, 48),)).fused
     before = tvm_ffi.structural_hash(fused)
     scheduled = pipeline.schedule(fused, d)
     assert tvm_ffi.structural_hash(fused) == before

@@ -64,10 +64,9 @@ def _kws():
 
 @pytest.mark.parametrize("name", MCU_TARGETS)
 def test_mcu_targets_describe_limits_and_board(name):
-    from compiler.build import buildable
 
     desc = targets.get(name)
-    assert desc.family == "mcu" and desc.kind == "c" and buildable(desc)
+    assert desc.family == "mcu" and desc.kind == "c" and desc.buildable
     assert desc.flash_kb > 0 and desc.ram_kb > 0
     assert desc.machine in toolchain.BOARDS
     flags = toolchain.cpu_flags(desc)
@@ -418,13 +417,12 @@ def test_mlp_int8_on_cortex_m4_quarter_flash(tmp_path):
 
 def test_vector_form_only_for_helium_float_reductions():
     from compiler import pipeline
-    from compiler.build import import_model
     from compiler.mcu import schedule
 
     assert schedule.vector_lanes(targets.get("cortex-m55")) == 4
     assert all(schedule.vector_lanes(targets.get(t)) == 1 for t in ("cortex-m3", "cortex-m4", "cortex-m7"))
     desc = targets.get("cortex-m55")
-    fused, _ = pipeline.fuse(pipeline.prepare(import_model("zoo:mlp").mod, desc), desc)
+    fused = pipeline.lower("zoo:mlp", desc).fused
     text = schedule.schedule_kernel(fused["fused_matmul1_add_relu"], 4).script()
     # k outside, the 128 outputs a plain (vectorisable) innermost loop, not unrolled register blocks
     assert "for k, i1 in T.grid(T.int64(128), T.int64(128))" in text and "T.unroll" not in text

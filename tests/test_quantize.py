@@ -100,11 +100,10 @@ def test_int8_is_accepted_on_cpu_and_mcu_targets():
 
 def test_rewrite_quantizes_weights_per_channel_and_keeps_float_io():
     from compiler import pipeline
-    from compiler.build import import_model
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval()
-    imported = import_model(model, example_inputs=(torch.randn(1, 8),))
-    prepared = pipeline.prepare(imported.mod, targets.get("cortex-m4"))
+    lowered = pipeline.lower(model, targets.get("cortex-m4"), example_inputs=(torch.randn(1, 8),))
+    imported, prepared = lowered.imported, lowered.prepared
     qmod, report = quantize.quantize(prepared, calib_like((1, 8), 16, 0), imported.inputs)
     assert [op.split()[0] for op in report.ops] == ["matmul", "matmul"]
     assert all("int32 bias" in op for op in report.ops)

@@ -15,6 +15,7 @@ import torch
 import tvm
 from tvm import relax, tirx
 
+import schedules
 import targets
 from compiler import pipeline
 from schedules.x86 import conv as conv_mod
@@ -43,6 +44,7 @@ def _run(
     with torch.no_grad():
         ref = model(x).numpy()
     mod = from_exported_program(torch.export.export(model, (x,)))
+    schedules.install_hooks()  # as pipeline.lower does
     mod = pipeline.prepare(mod, TARGET)
     fused = _fuse(mod)
 
@@ -225,12 +227,10 @@ def test_weight_repack_is_folded_at_compile_time():
     import schedules
     import targets
     from compiler import pipeline
-    from compiler.build import import_model
 
     desc = TARGET
     model = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU()).eval()
-    imported = import_model(model, example_inputs=(torch.randn(1, 64, 56, 56),))
-    fused, _ = pipeline.fuse(pipeline.prepare(imported.mod, desc), desc)
+    fused = pipeline.lower(model, desc, example_inputs=(torch.randn(1, 64, 56, 56),)).fused
 
     def preproc_blocks(mod):
         return [gv.name_hint for gv, func in mod.functions_items()
@@ -247,12 +247,9 @@ def test_relu6_keeps_channels_last():
     """ReLU6 (relax.clip) between convolutions stays NHWC after pipeline.prepare: the layout rule
     Kiln installs (schedules.install_hooks) keeps ConvertLayout from wrapping each clip in a pair of
     transposes (MobileNetV2 bounced NCHW<->NHWC twice per block without it)."""
-    from compiler.build import import_model
-
     model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1), torch.nn.ReLU6(), torch.nn.Conv2d(16, 16, 3, padding=1,
                                                                                             groups=16),
                                 torch.nn.ReLU6(), torch.nn.Conv2d(16, 8, 1)).eval()
-    imported = import_model(model, example_inputs=(torch.randn(1, 8, 12, 12),))
-    text = pipeline.prepare(imported.mod, TARGET).script()
+    text = pipeline.lower(model, TARGET, example_inputs=(torch.randn(1, 8, 12, 12),)).prepared.script()
     # one transpose in (NCHW -> NHWC) and one out, none around the clips
     assert text.count("R.permute_dims") == 2, text

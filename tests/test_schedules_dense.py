@@ -17,6 +17,7 @@ from tvm import relax, tirx  # noqa: E402
 from tvm.relax.frontend.torch import from_exported_program  # noqa: E402
 
 import targets  # noqa: E402
+import schedules  # noqa: E402
 from compiler import pipeline  # noqa: E402
 from schedules.x86 import elementwise, matmul, reduction  # noqa: E402
 
@@ -26,6 +27,7 @@ TARGET = targets.get("x86")
 def _fuse(model: nn.Module, args: tuple, target=None):
     target = target or TARGET
     mod = from_exported_program(torch.export.export(model.eval(), args))
+    schedules.install_hooks()  # as pipeline.lower does
     mod = pipeline.prepare(mod, target)
     fused = pipeline.fuse(mod, target)
     return fused[0] if isinstance(fused, tuple) else fused

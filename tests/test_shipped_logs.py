@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import targets
-from compiler import build, cli
+from compiler import cli, driver
 from conftest import assert_close, run_torch, zoo_model
 from schedules import database
 
@@ -26,7 +26,7 @@ def shipped(tuned_logs, tmp_path, monkeypatch):
     """The mlp logs compacted with ``kiln logs merge --best-only`` into a stand-in for tuning_logs/."""
     root = tmp_path / "tuning_logs"
     assert cli.main(["logs", "merge", str(tuned_logs), "--log-dir", str(root), "--best-only"]) == 0
-    monkeypatch.setattr(build, "SHIPPED_LOGS", root)
+    monkeypatch.setattr(driver, "SHIPPED_LOGS", root)
     return root
 
 
@@ -83,7 +83,7 @@ def test_shipped_records_of_another_target_are_ignored(shipped):
     shutil.move(_work(shipped), other)  # the same records under another machine's fingerprint
     mod = compiler.compile("zoo:mlp")
     assert "tuning_logs" not in mod.meta
-    assert build.shipped_logs(targets.get("x86")) is None
+    assert driver.shipped_logs(targets.get("x86")) is None
 
 
 def test_cli_untuned_flag(shipped, tmp_path, capsys):

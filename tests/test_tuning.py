@@ -52,11 +52,11 @@ def _lines(path: Path) -> list[str]:
 
 def _mlp_tasks():
     from compiler import pipeline
-    from compiler.build import import_model
+
     from schedules import search
 
     desc = _host()
-    fused, _ = pipeline.fuse(pipeline.prepare(import_model("zoo:mlp").mod, desc), desc)
+    fused = pipeline.lower("zoo:mlp", desc).fused
     return desc, fused, search.extract_tasks(fused, desc.to_tvm())
 
 
@@ -75,7 +75,7 @@ def test_logs_are_keyed_by_target(tuned_logs):
 
 def test_other_target_gets_no_records(tuned_logs):
     import compiler
-    from compiler.build import open_tuning_logs
+    from compiler.driver import open_tuning_logs
 
     haswell = targets.get("haswell")
     assert haswell.fingerprint() != _host().fingerprint()
@@ -86,7 +86,7 @@ def test_other_target_gets_no_records(tuned_logs):
 
 
 def test_target_json_that_disagrees_is_an_error(logs):
-    from compiler.build import open_tuning_logs
+    from compiler.driver import open_tuning_logs
 
     haswell = targets.get("haswell")
     shutil.copytree(_work(logs), logs / haswell.fingerprint())  # x86 records under haswell's key
@@ -111,7 +111,7 @@ def test_every_record_is_applied_and_outputs_match(tuned_logs):
 
     import compiler
     from compiler import pipeline
-    from compiler.build import open_tuning_logs
+    from compiler.driver import open_tuning_logs
 
     desc, fused, tasks = _mlp_tasks()
     db = open_tuning_logs(tuned_logs, desc)
@@ -138,7 +138,7 @@ def test_kernels_without_a_record_are_reported(logs, caplog):
     kept = [line for line in _lines(records) if json.loads(line)[0] != 0]  # drop workload 0's records
     assert len(kept) < RECORDS
     records.write_text("".join(line + "\n" for line in kept))
-    with caplog.at_level(logging.WARNING, logger="compiler.build"):
+    with caplog.at_level(logging.WARNING, logger="compiler.driver"):
         mod = compiler.compile("zoo:mlp", "x86", tuning_logs=logs)
     assert len(mod.meta["untuned_kernels"]) == 1 and len(mod.meta["tuned_kernels"]) == 2
     assert any("without a tuning record" in r.message and mod.meta["untuned_kernels"][0] in r.message
@@ -168,7 +168,7 @@ def test_torn_last_line_is_skipped_with_a_warning(logs, which, caplog):
     # a torn record line loses that record; a torn workload line loses the last workload's records
     lost = 1 if which == "database_tuning_record.json" else sum(r[0] == KERNELS - 1 for r in records)
     import compiler
-    from compiler.build import open_tuning_logs
+    from compiler.driver import open_tuning_logs
 
     work = _work(logs)
     path = work / which
@@ -189,7 +189,7 @@ def test_torn_last_line_is_skipped_with_a_warning(logs, which, caplog):
 
 @pytest.mark.parametrize("garbage", [b"\x00\x01\x02 not json at all \xff\n", b"hello world\n[1, 2]\n", b"{oops"])
 def test_corrupt_log_is_a_tuning_error_naming_the_file(logs, garbage):
-    from compiler.build import open_tuning_logs
+    from compiler.driver import open_tuning_logs
 
     (_work(logs) / "database_workload.json").write_bytes(garbage)
     with pytest.raises(TuningError, match="database_workload.json"):
@@ -197,7 +197,7 @@ def test_corrupt_log_is_a_tuning_error_naming_the_file(logs, garbage):
 
 
 def test_wellformed_json_with_bad_content_is_a_tuning_error(logs):
-    from compiler.build import open_tuning_logs
+    from compiler.driver import open_tuning_logs
 
     (_work(logs) / "database_workload.json").write_text('["123", "not a module"]\n')
     (_work(logs) / "database_tuning_record.json").write_text("")
@@ -432,10 +432,10 @@ def test_tuned_kernels_never_slower_than_defaults_and_run_at_the_tuners_figure(t
     measured for the record compile applied. End to end, the tuned module is not slower."""
     import compiler
     from compiler import pipeline
-    from compiler.build import open_tuning_logs
-    from compiler.module import _use_all_cores
+    from compiler.driver import open_tuning_logs
+    from compiler.module import use_all_cores
 
-    _use_all_cores()  # as compiled modules and the tuner's runner do
+    use_all_cores()  # as compiled modules and the tuner's runner do
     desc, fused, tasks = _mlp_tasks()
     db = open_tuning_logs(tuned_logs, desc)
     tuned_ex = _build(pipeline.schedule(fused, desc, db), desc)
@@ -624,13 +624,12 @@ def test_tiny_cnn_tuned_convolutions_never_slower_than_defaults(tmp_path):
     """The same guarantee for convolutions (packed-weight default schedules), one trial per kernel."""
     import compiler
     from compiler import pipeline
-    from compiler.build import import_model, open_tuning_logs
-    from compiler.module import _use_all_cores
+    from compiler.module import use_all_cores
     from schedules import search
 
-    _use_all_cores()
+    use_all_cores()
     desc = _host()
-    fused, _ = pipeline.fuse(pipeline.prepare(import_model("zoo:tiny_cnn").mod, desc), desc)
+    fused = pipeline.lower("zoo:tiny_cnn", desc).fused
     tasks = search.extract_tasks(fused, desc.to_tvm())
     report = compiler.tune("zoo:tiny_cnn", "x86", trials=len(tasks), log_dir=tmp_path / "logs")
     assert all(t.best_ms <= t.default_ms for t in report.tasks)
@@ -659,12 +658,12 @@ def test_kiln_conv_template_is_searched_and_every_sample_is_correct():
     from tvm.s_tir import meta_schedule as ms
 
     from compiler import pipeline
-    from compiler.build import import_model
+
     from schedules import search
 
     desc = _host()
     target = desc.to_tvm()
-    fused, _ = pipeline.fuse(pipeline.prepare(import_model("zoo:tiny_cnn").mod, desc), desc)
+    fused = pipeline.lower("zoo:tiny_cnn", desc).fused
     task = next(t for t in search.extract_tasks(fused, target) if t.name.startswith("fused_conv2d2"))
     ctx = ms.TuneContext(mod=task.mod, target=target, space_generator=search.space_generator(target),
                          search_strategy=ms.search_strategy.ReplayTrace(), task_name=task.name, rand_state=7,

@@ -118,11 +118,10 @@ def test_transform_kernels_are_scheduled_by_kiln():
     import tvm
 
     from compiler import pipeline
-    from compiler.build import import_model
 
     desc = targets.get("x86")
     x = torch.randn(1, 3, 16, 16)
-    fused, _ = pipeline.fuse(pipeline.prepare(import_model(Mixed().eval(), example_inputs=(x,)).mod, desc), desc)
+    fused = pipeline.lower(Mixed().eval(), desc, example_inputs=(x,)).fused
     scheduled = pipeline.schedule(fused, desc)
     transforms = [gv for gv, f in scheduled.functions_items()
                   if isinstance(f, tvm.tirx.PrimFunc) and "winograd" in gv.name_hint]
@@ -139,12 +138,11 @@ def test_tuned_winograd_kernels_get_their_records_and_match_pytorch(tmp_path):
     transforms' only record is Kiln's default, they are not searched), compile applies a record to
     every kernel (none falls back to its default), and the tuned module matches PyTorch."""
     from compiler import pipeline
-    from compiler.build import import_model
     from schedules import search
 
     desc = targets.get("x86")
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    fused, _ = pipeline.fuse(pipeline.prepare(import_model(Mixed().eval(), example_inputs=(x,)).mod, desc), desc)
+    fused = pipeline.lower(Mixed().eval(), desc, example_inputs=(x,)).fused
     tasks = search.extract_tasks(fused, desc.to_tvm())
     kernels = {k for t in tasks for k in t.kernels}
     assert sum("winograd" in k for k in kernels) == 6 and sum(k.startswith("matmul") for k in kernels) == 3, kernels

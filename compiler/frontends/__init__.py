@@ -5,9 +5,13 @@ Each frontend returns an :class:`ImportedModel`; everything after import is fron
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import tvm
+
+from ..errors import ModelFormatError
 
 
 @dataclass(frozen=True)
@@ -37,3 +41,42 @@ class ImportedModel:
     #: Trainable parameter count as the source framework counts it (torch: ``parameters()``;
     #: ONNX: elements of floating-point initializers), before Kiln folds anything.
     num_params: int = 0
+
+
+def import_model(model, *, example_inputs=None, input_shapes=None, input_dtypes=None) -> ImportedModel:
+    """Dispatch on the kind of ``model``: torch module, exported program, ONNX path/proto, ``zoo:NAME``."""
+    import torch
+
+    from . import torch as torch_frontend
+
+    if isinstance(model, (str, os.PathLike)) and str(model).startswith("zoo:"):
+        from .. import zoo
+
+        model, zoo_inputs = zoo.load(str(model)[4:])
+        example_inputs = example_inputs if example_inputs is not None else zoo_inputs
+    if isinstance(model, torch.export.ExportedProgram):
+        return torch_frontend.import_exported(model)
+    if isinstance(model, torch.nn.Module):
+        return torch_frontend.import_module(model, example_inputs)
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.exists():
+            raise ModelFormatError(f"model file not found: {path}")
+        if path.suffix in (".pt2", ".ep"):
+            try:
+                program = torch.export.load(str(path))
+            except Exception as err:
+                raise ModelFormatError(f"cannot read exported program {path}: {err}") from err
+            return torch_frontend.import_exported(program)
+    from .onnx import import_onnx
+
+    try:
+        import onnx
+    except ImportError:  # pragma: no cover
+        onnx = None
+    if isinstance(model, (str, os.PathLike)) or (onnx is not None and isinstance(model, onnx.ModelProto)):
+        return import_onnx(model, input_shapes=input_shapes, input_dtypes=input_dtypes)
+    raise ModelFormatError(
+        f"cannot compile a {type(model).__name__}: pass a torch.nn.Module (with example_inputs), a "
+        "torch.export.ExportedProgram, an ONNX file path or onnx.ModelProto, or 'zoo:NAME'"
+    )

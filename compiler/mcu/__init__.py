@@ -26,9 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
-from ..errors import CompileError, InputShapeError, TuningError
+from ..errors import CompileError, TuningError
+from ..frontends import TensorSpec
+from ..module_base import ModuleBase, arrange_inputs
 
 log = logging.getLogger(__name__)
 
@@ -55,27 +56,16 @@ def compile_mcu(model, desc, *, example_inputs=None, input_shapes=None, input_dt
     workspace): for comparisons and tests of the workspace planning."""
     from .. import pipeline
     from ..analysis import kernel_table
-    from ..build import import_model, module_metadata
+    from ..artifact import module_metadata
     from . import codegen, schedule
 
     if tuning_logs is not None:
         raise TuningError(f"tuning records are not used for microcontroller targets ({desc.name}) yet; "
                           "compile without tuning_logs / --tuning-logs")
     t0 = time.perf_counter()
-    imported = import_model(model, example_inputs=example_inputs, input_shapes=input_shapes,
-                            input_dtypes=input_dtypes)
-    for spec in imported.inputs:
-        if not all(isinstance(d, int) for d in spec.shape):
-            raise InputShapeError(f"input {spec.name!r} has a dynamic shape {list(spec.shape)}: microcontroller "
-                                  "builds need static shapes; fix it with input_shapes={...} / --input-shape")
-    prepared = pipeline.prepare(imported.mod, desc)
-    quant = None
-    if precision == "int8":
-        from ..quantize import quantize
-
-        float_weights = codegen.constant_bytes(prepared["main"])
-        prepared, quant = quantize(prepared, calibration, imported.inputs)
-    fused, groups = pipeline.fuse(prepared, desc)
+    lowered = pipeline.lower(model, desc, example_inputs=example_inputs, input_shapes=input_shapes,
+                             input_dtypes=input_dtypes, precision=precision, calibration=calibration)
+    imported, fused, groups, quant = lowered.imported, lowered.fused, lowered.groups, lowered.quant
     program = codegen.lower_main(codegen.alias_reshapes(fused), [s.name for s in imported.inputs],
                                  list(imported.output_names))
     weights = sum(t.nbytes for t in program.tensors if t.kind == "const")
@@ -120,37 +110,25 @@ def compile_mcu(model, desc, *, example_inputs=None, input_shapes=None, input_dt
     })
     if quant is not None:
         meta["quantization"] = quant.to_json()
-        meta["memory"]["weights_fp32_bytes"] = float_weights
+        meta["memory"]["weights_fp32_bytes"] = codegen.constant_bytes(lowered.prepared["main"])
     log.info("compiled for %s in %.1f s", desc.name, time.perf_counter() - t0)
     return MCUModule(meta, program, plan, kernels_c, peaks)
 
 
 def program_spec(program, idx):
-    from ..frontends import TensorSpec
-
     t = program.tensors[idx]
     return TensorSpec(t.name, tuple(t.shape), t.dtype)
 
 
-class MCUModule:
+class MCUModule(ModuleBase):
     """A model compiled for a microcontroller: a C library to export, or to run under QEMU."""
 
     def __init__(self, meta: dict, program, plan, kernels_c: str, ws_peaks: dict[str, int]):
-        from ..frontends import TensorSpec
-
-        self.meta = meta
+        super().__init__(meta)
         self.program = program
         self.plan = plan
         self._kernels_c = kernels_c
         self._ws_peaks = ws_peaks
-        self.inputs = [TensorSpec.from_json(d) for d in meta["inputs"]]
-        self.outputs = [TensorSpec.from_json(d) for d in meta["outputs"]]
-
-    @property
-    def target(self):
-        from targets import TargetDescription
-
-        return TargetDescription.from_json(self.meta["target"])
 
     # -- files ---------------------------------------------------------------------------------
     def sources(self, prefix: str = "model") -> dict[str, str]:
@@ -199,18 +177,6 @@ class MCUModule:
     def memory_report(self) -> str:
         """Flash and RAM figures: weights, code (when measured), arena, workspace, limits."""
         return memory_report(self.meta)
-
-    def summary(self):
-        from ..analysis import KernelInfo
-        from ..module import ModuleSummary
-
-        kernels = tuple(KernelInfo(k["name"], tuple(k["ops"]), k["calls"], k["flops"]) for k in self.meta["kernels"])
-        return ModuleSummary(self.meta["target"]["name"], tuple(self.inputs), tuple(self.outputs), kernels,
-                             self.meta["params"], self.meta["flops"])
-
-    # -- running under emulation ------------------------------------------------------------------
-    def random_inputs(self, seed: int = 0) -> list[np.ndarray]:
-        return random_inputs(self.meta, seed)
 
     def run(self, *arrays, profile: bool = False, **named):
         """Build the library for its target and run it once under qemu-system-arm; returns one array
@@ -264,37 +230,6 @@ def read_meta(libdir) -> dict:
     return json.loads(path.read_text())
 
 
-def random_inputs(meta: dict, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for s in meta["inputs"]:
-        shape, dtype = tuple(s["shape"]), s["dtype"]
-        if dtype.startswith(("int", "uint")):
-            out.append(rng.integers(0, 100, shape).astype(dtype))
-        else:
-            out.append(rng.standard_normal(shape).astype(dtype))
-    return out
-
-
-def _order_inputs(meta: dict, arrays: list, named: dict) -> list[np.ndarray]:
-    specs = meta["inputs"]
-    if len(arrays) + len(named) != len(specs):
-        raise InputShapeError(f"the model takes {len(specs)} input(s) ({', '.join(s['name'] for s in specs)}); "
-                              f"got {len(arrays) + len(named)}")
-    unknown = sorted(set(named) - {s["name"] for s in specs})
-    if unknown:
-        raise InputShapeError(f"unknown input name(s) {unknown}; inputs are {sorted(s['name'] for s in specs)}")
-    pos = list(arrays)
-    values = []
-    for s in specs:
-        arr = np.asarray(named[s["name"]] if s["name"] in named else pos.pop(0))
-        if tuple(arr.shape) != tuple(s["shape"]):
-            raise InputShapeError(f"input {s['name']!r} has shape {list(arr.shape)}; the library was compiled "
-                                  f"for {s['shape']}")
-        values.append(np.require(arr.astype(s["dtype"], copy=False), requirements="C"))
-    return values
-
-
 def emulate(libdir, arrays=(), named=None, *, profile: bool = False, workdir=None, timeout: float = 300):
     """Build the library in ``libdir`` into a firmware for its target's QEMU board, run it, and
     return ``(outputs, per_step_ticks_or_None)``."""
@@ -305,7 +240,7 @@ def emulate(libdir, arrays=(), named=None, *, profile: bool = False, workdir=Non
     libdir = Path(libdir)
     meta = read_meta(libdir)
     desc = TargetDescription.from_json(meta["target"])
-    inputs = _order_inputs(meta, list(arrays), dict(named or {}))
+    inputs = arrange_inputs([TensorSpec.from_json(d) for d in meta["inputs"]], list(arrays), dict(named or {}))
     toolchain.tool("arm-none-eabi-gcc")
     toolchain.tool("qemu-system-arm")
     with tempfile.TemporaryDirectory() as tmp:
@@ -340,20 +275,13 @@ class EmulationProfile:
         return "\n".join(lines)
 
 
-class MCULibrary:
+class MCULibrary(ModuleBase):
     """A C library written by :meth:`MCUModule.export`, run under qemu-system-arm (``kiln run DIR --emulate``)."""
 
     def __init__(self, libdir):
-        from ..frontends import TensorSpec
-
         self.path = Path(libdir)
-        self.meta = read_meta(self.path)
-        self.inputs = [TensorSpec.from_json(d) for d in self.meta["inputs"]]
-        self.outputs = [TensorSpec.from_json(d) for d in self.meta["outputs"]]
+        super().__init__(read_meta(self.path))
         self._last_inputs = None
-
-    def random_inputs(self, seed: int = 0) -> list[np.ndarray]:
-        return random_inputs(self.meta, seed)
 
     def run(self, *arrays, **named):
         """Build the firmware and run it once under QEMU; one array, or a tuple for several outputs."""

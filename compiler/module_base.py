@@ -1,0 +1,143 @@
+"""What every kind of compiled module shares, written once.
+
+A module kind (``CompiledModule`` in this process, ``EmulatedModule`` on the emulated aarch64 device,
+``RemoteModule`` on an RPC device, ``MCUModule``/``MCULibrary`` for microcontrollers) is a
+:class:`ModuleBase`: its ``meta`` (the metadata every artefact carries, see ``artifact.module_metadata``)
+gives its input and output specs, target and summary; it checks and orders inputs the same way
+(:func:`arrange_inputs`) and reports timings as a :class:`BenchmarkResult`.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .analysis import FLOPS_NOTE, KernelInfo
+from .errors import InputShapeError
+from .frontends import TensorSpec
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    """Latency statistics in milliseconds over ``repeat`` timed runs (after ``warmup`` runs)."""
+
+    mean_ms: float
+    median_ms: float
+    std_ms: float
+    min_ms: float
+    max_ms: float
+    repeat: int
+
+    @classmethod
+    def from_times(cls, times_ms: Sequence[float]) -> "BenchmarkResult":
+        """The statistics of per-run times in milliseconds (at least one)."""
+        times = [float(t) for t in times_ms]
+        return cls(statistics.mean(times), statistics.median(times),
+                   statistics.stdev(times) if len(times) > 1 else 0.0, min(times), max(times), len(times))
+
+    def __str__(self) -> str:
+        return (f"median {self.median_ms:.3f} ms, mean {self.mean_ms:.3f} ms ± {self.std_ms:.3f}, "
+                f"min {self.min_ms:.3f} ms ({self.repeat} runs)")
+
+
+def _si(n: float) -> str:
+    """1.23e9 -> '1.23 G'."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} "
+
+
+@dataclass(frozen=True)
+class ModuleSummary:
+    """Inputs, outputs, fused kernels, parameter count and FLOPs of a compiled module."""
+
+    target: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    kernels: tuple[KernelInfo, ...]
+    params: int
+    flops: int
+
+    def __str__(self) -> str:
+        lines = [f"Kiln module for target {self.target}"]
+        lines += [f"  input  {s.name}: {list(s.shape)} {s.dtype}" for s in self.inputs]
+        lines += [f"  output {s.name}: {list(s.shape)} {s.dtype}" for s in self.outputs]
+        lines.append(f"  parameters: {self.params:,}   FLOPs: {_si(self.flops)}FLOP")
+        lines.append(f"  fused kernels ({len(self.kernels)}):")
+        width = max((len(k.name) for k in self.kernels), default=10)
+        for k in self.kernels:
+            fused = " + ".join(k.ops)
+            lines.append(f"    {k.name:<{width}}  x{k.calls:<3} {k.flops / 1e6:10.2f} MFLOP  [{fused}]")
+        lines.append(f"  ({FLOPS_NOTE})")
+        return "\n".join(lines)
+
+
+def arrange_inputs(specs: Sequence[TensorSpec], arrays: Sequence, named: dict) -> list[np.ndarray]:
+    """The inputs in ``specs`` order (positional ``arrays`` fill the inputs not given by name in
+    ``named``), each C-contiguous with its spec's shape and dtype (cast when the cast stays within the
+    same kind); an :class:`InputShapeError` naming the input otherwise."""
+    if len(arrays) + len(named) != len(specs):
+        raise InputShapeError(f"the model takes {len(specs)} input(s) ({', '.join(s.name for s in specs)}); "
+                              f"got {len(arrays) + len(named)}")
+    unknown = sorted(set(named) - {s.name for s in specs})
+    if unknown:
+        raise InputShapeError(f"unknown input name(s) {unknown}; inputs are {sorted(s.name for s in specs)}")
+    by_pos, values = list(arrays), []
+    for spec in specs:
+        arr = np.asarray(named[spec.name] if spec.name in named else by_pos.pop(0))
+        if tuple(arr.shape) != tuple(spec.shape):
+            raise InputShapeError(f"input {spec.name!r} has shape {list(arr.shape)}; the module was compiled for "
+                                  f"{list(spec.shape)}")
+        if str(arr.dtype) != spec.dtype:
+            if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
+                raise InputShapeError(f"input {spec.name!r} has dtype {arr.dtype}; expected {spec.dtype}")
+            arr = arr.astype(spec.dtype)
+        values.append(np.require(arr, requirements="C"))  # keeps rank 0 (ascontiguousarray makes it 1-D)
+    return values
+
+
+def random_inputs(specs: Sequence[TensorSpec], seed: int = 0) -> list[np.ndarray]:
+    """Inputs of the right shapes and dtypes: normal floats, small non-negative integers, fair booleans."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in specs:
+        if s.dtype.startswith(("int", "uint")):
+            out.append(rng.integers(0, 100, s.shape).astype(s.dtype))
+        elif s.dtype == "bool":
+            out.append(rng.random(s.shape) > 0.5)
+        else:
+            out.append(rng.standard_normal(s.shape).astype(s.dtype))
+    return out
+
+
+class ModuleBase:
+    """The part of every module kind that only needs its metadata ``meta``."""
+
+    def __init__(self, meta: dict):
+        self.meta = meta
+        self.inputs = [TensorSpec.from_json(d) for d in meta["inputs"]]
+        self.outputs = [TensorSpec.from_json(d) for d in meta["outputs"]]
+
+    @property
+    def target(self):
+        """The :class:`targets.TargetDescription` the module was compiled for."""
+        from targets import TargetDescription
+
+        return TargetDescription.from_json(self.meta["target"])
+
+    def _arrange(self, arrays: Sequence, named: dict) -> list[np.ndarray]:
+        return arrange_inputs(self.inputs, arrays, named)
+
+    def random_inputs(self, seed: int = 0) -> list[np.ndarray]:
+        """Inputs of the right shapes and dtypes: normal floats, small non-negative integers."""
+        return random_inputs(self.inputs, seed)
+
+    def summary(self) -> ModuleSummary:
+        """Inputs, outputs, fused kernels (with the operators each fuses), parameters, FLOPs."""
+        kernels = tuple(KernelInfo(k["name"], tuple(k["ops"]), k["calls"], k["flops"]) for k in self.meta["kernels"])
+        return ModuleSummary(self.meta["target"]["name"], tuple(self.inputs), tuple(self.outputs),
+                             kernels, self.meta["params"], self.meta["flops"])
