@@ -63,11 +63,9 @@ def import_model(model, *, example_inputs=None, input_shapes=None, input_dtypes=
         if not path.exists():
             raise ModelFormatError(f"model file not found: {path}")
         if path.suffix in (".pt2", ".ep"):
-            try:
-                program = torch.export.load(str(path))
-            except Exception as err:
-                raise ModelFormatError(f"cannot read exported program {path}: {err}") from err
-            return torch_frontend.import_exported(program)
+            from . import pt2
+
+            return torch_frontend.import_exported(pt2.load(path))
     from .onnx import import_onnx
 
     try:
