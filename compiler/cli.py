@@ -47,6 +47,48 @@ def _npz_arg(text: str) -> Path:
     return path
 
 
+def _read_npz(path, what: str) -> dict:
+    """The arrays of an ``.npz`` file, by name; a :class:`PathError` for a file NumPy cannot read
+    without unpickling (object arrays are refused, never unpickled)."""
+    import zipfile
+
+    import numpy as np
+
+    from compiler.errors import PathError
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise PathError(f"{what} {path} is a single .npy array; save the arrays with np.savez "
+                                "(one per input name)")
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
+        reason = ("it holds object arrays, which Kiln does not unpickle" if "allow_pickle" in str(err)
+                  else f"{type(err).__name__}: {err}")
+        raise PathError(f"cannot read {what} {path}: {reason}; write it with np.savez(path, name=array, ...)") from err
+
+
+def _check_output(output: str | Path, *, model=None, directory: bool = False) -> Path:
+    """Refuse, before any work, an output path that cannot be written: a folder where a file goes (or
+    a file where a folder goes), an unwritable location, or the input model itself."""
+    import os
+
+    from compiler.errors import PathError
+
+    out = Path(output)
+    if model is not None and not str(model).startswith("zoo:") and out.exists() and Path(model).exists() \
+            and out.resolve() == Path(model).resolve():
+        raise PathError(f"-o {out} is the input model itself; Kiln does not overwrite its input: choose another path")
+    if out.is_dir() and not directory:
+        raise PathError(f"output {out} is a folder; give a file path (e.g. {out / 'model.so'})")
+    if out.exists() and not out.is_dir() and directory:
+        raise PathError(f"output {out} is a file; this target writes a folder (a C library): give a new folder path")
+    parent = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise PathError(f"cannot write {out}: {parent} is not a writable folder")
+    return out
+
+
 def _address_arg(text: str) -> str:
     """``HOST:PORT`` (checked at parse time)."""
     host, sep, port = text.rpartition(":")
@@ -81,9 +123,11 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a compiled module on inputs from an .npz file (or random inputs)")
     r.add_argument("module", help=".so written by `kiln compile`")
-    r.add_argument("--inputs", help=".npz with one array per input name (default: random inputs)")
+    r.add_argument("--inputs", type=_npz_arg, help=".npz with one array per input name (default: random inputs)")
     r.add_argument("--outputs", help="write the outputs to this .npz")
     r.add_argument("--benchmark", type=int, metavar="N", default=0, help="also time N runs and print latency")
+    r.add_argument("--check-finite", action="store_true",
+                   help="fail (exit 1) when an input or output holds NaN or infinity")
     r.add_argument("--profile", action="store_true",
                    help="also time every fused kernel (per-kernel table; microcontroller libraries under "
                    "--emulate: instruction counts per kernel)")
@@ -159,15 +203,11 @@ def _cmd_compile(args) -> int:
     import compiler
     import targets
 
-    targets.get(args.target)  # an unknown target fails before any work
+    desc = targets.get(args.target)  # an unknown target fails before any work
+    _check_output(args.output, model=args.model, directory=desc.family == "mcu")
+    calibration = _read_npz(args.calibration, "calibration file") if args.calibration else None
     print(f"compiling {args.model} for target {args.target} -> {args.output}", flush=True)
     t0 = time.perf_counter()
-    calibration = None
-    if args.calibration:
-        import numpy as np
-
-        with np.load(args.calibration) as data:
-            calibration = {k: data[k] for k in data.files}
     mod = compiler.compile(args.model, target=args.target, input_shapes=dict(args.input_shape) or None,
                            tuning_logs=False if args.untuned else args.tuning_logs, precision=args.precision,
                            calibration=calibration)
@@ -210,22 +250,24 @@ def _cmd_run(args) -> int:
               f"device at {mod.where}{note}", flush=True)
     else:
         mod = compiler.load(args.module)
+    if args.outputs:
+        _check_output(args.outputs)
     if args.inputs:
-        with np.load(args.inputs) as data:
-            named = {k: data[k] for k in data.files}
+        named = _read_npz(args.inputs, "inputs file")
         if len(named) == 1 and len(mod.inputs) == 1 and mod.inputs[0].name not in named:
             named = {mod.inputs[0].name: next(iter(named.values()))}
-        outs = mod.run(**named)
+        outs = mod.run(check_finite=args.check_finite, **named)
     else:
         print("no --inputs given: using random inputs")
         arrays = mod.random_inputs()
         for spec, a in zip(mod.inputs, arrays):
             print(f"  input  {spec.name}: {list(a.shape)} {a.dtype}")
-        outs = mod.run(*arrays)
+        outs = mod.run(*arrays, check_finite=args.check_finite)
     outs = outs if isinstance(outs, tuple) else (outs,)
     for spec, o in zip(mod.outputs, outs):
         print(f"  output {spec.name}: {list(o.shape)} {o.dtype}  mean {float(np.mean(o)):.6g} std {float(np.std(o)):.6g}")
     if args.outputs:
+        Path(args.outputs).parent.mkdir(parents=True, exist_ok=True)
         np.savez(args.outputs, **{spec.name: o for spec, o in zip(mod.outputs, outs)})
         print(f"wrote {args.outputs}")
     if args.benchmark:

@@ -305,11 +305,12 @@ class EmulatedModule(ModuleBase):
     def _shape_outputs(outs: list[np.ndarray]):
         return outs[0] if len(outs) == 1 else tuple(outs)
 
-    def run(self, *arrays, **named):
-        """Run on the emulated device. Returns one array, or a tuple for several outputs."""
-        args = self._arrange(arrays, named)  # bad inputs fail before the emulator starts
-        outs, _ = session().run(self.path, args)
-        return self._shape_outputs(outs)
+    def run(self, *arrays, check_finite: bool = False, **named):
+        """Run on the emulated device. Returns one array, or a tuple for several outputs
+        (``check_finite`` as for :meth:`compiler.CompiledModule.run`)."""
+        # bad inputs fail before the emulator starts
+        return self._checked(arrays, named, check_finite,
+                             lambda args: self._shape_outputs(session().run(self.path, args)[0]))
 
     __call__ = run
 

@@ -65,6 +65,16 @@ class TuningError(KilnError):
     """Tuning could not run or its logs are unusable."""
 
 
+class PathError(KilnError):
+    """A file or folder given to Kiln cannot be used: missing, a folder where a file is expected (or
+    the reverse), unwritable, or not in the expected format (an inputs ``.npz`` holding objects)."""
+
+
+class NonFiniteError(KilnError):
+    """An input or output holds NaN or infinity where the caller asked for finite values
+    (``run(..., check_finite=True)``, ``kiln run --check-finite``)."""
+
+
 class RemoteError(KilnError):
     """An RPC tracker or server is unreachable, has no (free) device for a key, or cannot run a module
     (``compiler.remote``)."""

@@ -67,10 +67,10 @@ class CompiledModule(ModuleBase):
             )
 
     # -- running ---------------------------------------------------------------------------------
-    def _to_tensors(self, arrays: Sequence, named: dict) -> list:
+    def _to_tensors(self, values: Sequence) -> list:
         import tvm
 
-        return [tvm.runtime.tensor(v, self._device) for v in self._arrange(arrays, named)]
+        return [tvm.runtime.tensor(v, self._device) for v in values]
 
     @staticmethod
     def _to_numpy(result):
@@ -79,11 +79,16 @@ class CompiledModule(ModuleBase):
         items = tuple(CompiledModule._to_numpy(r) for r in result)
         return items[0] if len(items) == 1 else items
 
-    def run(self, *arrays, **named):
+    def run(self, *arrays, check_finite: bool = False, **named):
         """Run on NumPy arrays (positional in input order, or by input name). Returns one array,
-        or a tuple when the model has several outputs."""
+        or a tuple when the model has several outputs.
+
+        Safe to call from several threads: calls on one module are serialised (each uses every core).
+        ``check_finite=True`` raises :class:`compiler.errors.NonFiniteError` for an input or output
+        holding NaN or infinity (NaN propagates through the model as in PyTorch and ONNX Runtime)."""
         self._check_runs_here("run")
-        return self._to_numpy(self._main(*self._to_tensors(arrays, named)))
+        return self._checked(arrays, named, check_finite,
+                             lambda values: self._to_numpy(self._main(*self._to_tensors(values))))
 
     __call__ = run
 
@@ -92,14 +97,15 @@ class CompiledModule(ModuleBase):
         self._check_runs_here("benchmark")
         if not arrays and not named:
             arrays = tuple(self.random_inputs())
-        args = self._to_tensors(arrays, named)
-        for _ in range(warmup):
-            self._main(*args)
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            self._main(*args)
-            times.append((time.perf_counter() - t0) * 1e3)
+        args = self._to_tensors(self._arrange(arrays, named))
+        with self._lock:
+            for _ in range(warmup):
+                self._main(*args)
+            times = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                self._main(*args)
+                times.append((time.perf_counter() - t0) * 1e3)
         return BenchmarkResult.from_times(times)
 
     def profile(self, *arrays, repeat: int = 20, warmup: int = 3, **named):
@@ -107,7 +113,9 @@ class CompiledModule(ModuleBase):
         :class:`compiler.profile.Profile`, printable as a table, slowest kernel first."""
         from .profile import profile
 
-        return profile(self, *arrays, repeat=repeat, warmup=warmup, **named)
+        self._check_runs_here("profile")
+        with self._lock:
+            return profile(self, *arrays, repeat=repeat, warmup=warmup, **named)
 
     # -- exporting ----------------------------------------------------------------------------------
     def export(self, path: str | os.PathLike, *, bundle: bool = False) -> Path:
@@ -156,7 +164,6 @@ def load(path, device: str = "cpu") -> CompiledModule:
                "scripts/setup_arm.sh)" if machine == "aarch64" else "")
             + ", or recompile with --target x86"
         )
-    artifact.check_version(meta, path)
     if meta["target"].get("kind") == "cuda":  # GPU features are not CPU features: check the GPU instead
         from . import cuda
 

@@ -10,13 +10,14 @@ gives its input and output specs, target and summary; it checks and orders input
 from __future__ import annotations
 
 import statistics
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from .analysis import FLOPS_NOTE, KernelInfo
-from .errors import InputShapeError
+from .errors import InputShapeError, NonFiniteError
 from .frontends import TensorSpec
 
 
@@ -100,6 +101,20 @@ def arrange_inputs(specs: Sequence[TensorSpec], arrays: Sequence, named: dict) -
     return values
 
 
+def require_finite(specs: Sequence[TensorSpec], values: Sequence, what: str) -> None:
+    """A :class:`NonFiniteError` naming every floating-point value in ``values`` (matched to ``specs``)
+    that holds NaN or infinity, with counts; ``what`` is "input" or "output"."""
+    bad = []
+    for spec, value in zip(specs, values):
+        arr = np.asarray(value)
+        if arr.dtype.kind in "fc":
+            nan, inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
+            if nan or inf:
+                bad.append(f"{what} {spec.name!r} holds {nan} NaN and {inf} infinite value(s) of {arr.size}")
+    if bad:
+        raise NonFiniteError("; ".join(bad))
+
+
 def random_inputs(specs: Sequence[TensorSpec], seed: int = 0) -> list[np.ndarray]:
     """Inputs of the right shapes and dtypes: normal floats, small non-negative integers, fair booleans."""
     rng = np.random.default_rng(seed)
@@ -115,10 +130,15 @@ def random_inputs(specs: Sequence[TensorSpec], seed: int = 0) -> list[np.ndarray
 
 
 class ModuleBase:
-    """The part of every module kind that only needs its metadata ``meta``."""
+    """The part of every module kind that only needs its metadata ``meta``.
+
+    ``_lock`` serialises the calls of one module object: a TVM virtual machine (and an RPC session)
+    keeps per-call state and must not be entered from two threads at once. Each call already uses
+    every core, so serialising costs serving code no throughput."""
 
     def __init__(self, meta: dict):
         self.meta = meta
+        self._lock = threading.RLock()
         self.inputs = [TensorSpec.from_json(d) for d in meta["inputs"]]
         self.outputs = [TensorSpec.from_json(d) for d in meta["outputs"]]
 
@@ -131,6 +151,21 @@ class ModuleBase:
 
     def _arrange(self, arrays: Sequence, named: dict) -> list[np.ndarray]:
         return arrange_inputs(self.inputs, arrays, named)
+
+    def _outputs_list(self, result) -> list:
+        return list(result) if isinstance(result, tuple) else [result]
+
+    def _checked(self, arrays: Sequence, named: dict, check_finite: bool, call):
+        """Arrange the inputs, run ``call(inputs)`` under the module's lock, and with ``check_finite``
+        refuse non-finite inputs before and non-finite outputs after."""
+        values = self._arrange(arrays, named)
+        if check_finite:
+            require_finite(self.inputs, values, "input")
+        with self._lock:
+            result = call(values)
+        if check_finite:
+            require_finite(self.outputs, self._outputs_list(result), "output")
+        return result
 
     def random_inputs(self, seed: int = 0) -> list[np.ndarray]:
         """Inputs of the right shapes and dtypes: normal floats, small non-negative integers."""

@@ -90,7 +90,7 @@ def profile(module, *arrays, repeat: int = 20, warmup: int = 3, **named) -> Prof
     module._check_runs_here("profile")
     if not arrays and not named:
         arrays = tuple(module.random_inputs())
-    args = module._to_tensors(arrays, named)
+    args = module._to_tensors(module._arrange(arrays, named))
     total = module.benchmark(*arrays, repeat=max(repeat, 10), warmup=warmup, **named).median_ms
 
     info = {k["name"]: k for k in module.meta["kernels"]}

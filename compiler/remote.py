@@ -273,18 +273,21 @@ class RemoteModule(ModuleBase):
     def emulated(self) -> bool:
         return bool(self.device.emulated)
 
-    def _set_inputs(self, arrays: Sequence, named: dict) -> None:
+    def _set_values(self, values: Sequence) -> None:
         import tvm
 
-        values = self._arrange(arrays, named)
         self._vm.set_input("main", *[tvm.runtime.tensor(v, self._dev) for v in values])
 
-    def run(self, *arrays, **named):
-        """Run ``main`` on the device. Returns one array, or a tuple for several outputs."""
-        self._set_inputs(arrays, named)
-        self._vm.invoke_stateful("main")
-        outs = _flatten(self._vm.get_outputs("main"), [])
-        return outs[0] if len(outs) == 1 else tuple(outs)
+    def run(self, *arrays, check_finite: bool = False, **named):
+        """Run ``main`` on the device. Returns one array, or a tuple for several outputs
+        (``check_finite`` as for :meth:`compiler.CompiledModule.run`)."""
+        def call(values):
+            self._set_values(values)
+            self._vm.invoke_stateful("main")
+            outs = _flatten(self._vm.get_outputs("main"), [])
+            return outs[0] if len(outs) == 1 else tuple(outs)
+
+        return self._checked(arrays, named, check_finite, call)
 
     __call__ = run
 
@@ -294,11 +297,14 @@ class RemoteModule(ModuleBase):
         figures are for correctness only."""
         if not arrays and not named:
             arrays = tuple(self.random_inputs())
-        self._set_inputs(arrays, named)
-        for _ in range(warmup):
-            self._vm.invoke_stateful("main")
-        timer = self._vm.time_evaluator("invoke_stateful", self._dev, number=1, repeat=max(repeat, 1))
-        return BenchmarkResult.from_times([float(t) * 1e3 for t in timer("main").results])
+        values = self._arrange(arrays, named)
+        with self._lock:
+            self._set_values(values)
+            for _ in range(warmup):
+                self._vm.invoke_stateful("main")
+            timer = self._vm.time_evaluator("invoke_stateful", self._dev, number=1, repeat=max(repeat, 1))
+            results = timer("main").results
+        return BenchmarkResult.from_times([float(t) * 1e3 for t in results])
 
     def close(self) -> None:
         """End the session (the server then serves the next client; a tracker hands the device out again)."""

@@ -18,6 +18,7 @@ import torch
 from onnx import TensorProto, helper
 
 import compiler
+import compiler.artifact
 import targets
 from compiler import cli
 from compiler.errors import (IncompatibleModuleError, InputShapeError, KilnError, ModelFormatError, TargetError,
@@ -241,7 +242,8 @@ def test_load_module_for_another_architecture(tiny_cnn_so, tmp_path, capsys):
     assert data[:4] == b"\x7fELF" and data[18:20] == (62).to_bytes(2, "little")
     data[18:20] = (183).to_bytes(2, "little")  # EM_AARCH64
     arm = tmp_path / "arm.so"
-    arm.write_bytes(bytes(data))
+    arm.write_bytes(bytes(data[:-compiler.artifact._SEAL_LEN]))
+    compiler.artifact.seal(arm)  # a well-formed module for another architecture, not a damaged one
     with pytest.raises(IncompatibleModuleError) as info:
         compiler.load(arm)
     msg = str(info.value)

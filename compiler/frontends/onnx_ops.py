@@ -238,3 +238,34 @@ def _dropout(bb, inputs, attr, opset, default):
             _refuse("Dropout", attr, "training_mode (random dropout; export the model in eval mode)")
     mask = relax.op.ones(x.ty.shape, "bool")
     return relax.Tuple([x, mask]) if _num_outputs(attr) > 1 else x
+
+
+@_converter("Clip")
+def _clip(bb, inputs, attr, opset, default):
+    """As Relax operators (``relax.clip`` for constant bounds, else ``maximum``/``minimum``) rather than
+    TVM's pre-lowered TIR, so that Kiln's lowerings apply: a NaN input stays NaN, as in ONNX Runtime
+    (``compiler.legalize``), and the layout pass sees a clip (ReLU6) it can carry through NCHWc."""
+    x = inputs[0]
+    if not _dtype(x).startswith(("float", "bfloat")):
+        return default(inputs, attr)
+    if opset < 11:
+        bounds = [float(attr.get("min", -np.inf)), float(attr.get("max", np.inf))]
+    else:
+        bounds = []
+        for i in (1, 2):
+            given = inputs[i] if len(inputs) > i else None
+            value = _constant(given) if given is not None else None
+            if given is not None and (value is None or value.size != 1):
+                return default(inputs, attr)  # a computed bound: TVM's converter handles it
+            bounds.append(None if given is None else float(value.reshape(())))
+        bounds = [(-np.inf if i == 0 else np.inf) if b is None or np.isnan(b) else b  # NaN bound: unbounded
+                  for i, b in enumerate(bounds)]
+    lo, hi = bounds
+    if np.isfinite(lo) and np.isfinite(hi):
+        return relax.op.clip(x, lo, hi)
+    out = x
+    if np.isfinite(lo) or lo == np.inf:
+        out = bb.emit(relax.op.maximum(out, _const(lo, x)))
+    if np.isfinite(hi) or hi == -np.inf:
+        out = bb.emit(relax.op.minimum(out, _const(hi, x)))
+    return out

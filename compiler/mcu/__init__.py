@@ -283,11 +283,16 @@ class MCULibrary(ModuleBase):
         super().__init__(read_meta(self.path))
         self._last_inputs = None
 
-    def run(self, *arrays, **named):
-        """Build the firmware and run it once under QEMU; one array, or a tuple for several outputs."""
+    def run(self, *arrays, check_finite: bool = False, **named):
+        """Build the firmware and run it once under QEMU; one array, or a tuple for several outputs
+        (``check_finite`` as for :meth:`compiler.CompiledModule.run`)."""
         self._last_inputs = (arrays, named)
-        outs, _ = emulate(self.path, list(arrays), named)
-        return outs[0] if len(outs) == 1 else tuple(outs)
+
+        def call(values):
+            outs, _ = emulate(self.path, values, {})
+            return outs[0] if len(outs) == 1 else tuple(outs)
+
+        return self._checked(arrays, named, check_finite, call)
 
     __call__ = run
 
