@@ -122,3 +122,39 @@ def kernel_table(fused: tvm.IRModule, groups: dict[str, tuple[str, ...]]) -> lis
             flops = 0
         rows.append(KernelInfo(name, groups.get(name, (name,)), calls.get(name, 0), flops * calls.get(name, 0)))
     return sorted(rows, key=lambda k: -k.flops)
+
+
+def _bytes(sinfo) -> int:
+    """Bytes of a tensor with a static shape (0 for anything else: tuples, shapes, symbolic dims)."""
+    if not isinstance(sinfo, relax.TensorType) or sinfo.shape is None:
+        return 0
+    try:
+        dims = [int(d) for d in sinfo.shape.values]
+    except (AttributeError, TypeError):
+        return 0
+    bits = tvm.runtime.DataType(str(sinfo.dtype)).bits * tvm.runtime.DataType(str(sinfo.dtype)).lanes
+    return _numel(dims) * max(bits // 8, 1)
+
+
+def memory_estimate(fused: tvm.IRModule) -> dict:
+    """Bytes of the tensors of a fused module's ``main``: ``inputs``, ``weights`` (constants),
+    ``largest_intermediate``, ``intermediates`` (their sum: what would be held with no buffer reuse)
+    and ``outputs``. A run needs at least inputs + outputs + the largest intermediate at once."""
+    main = fused["main"]
+    inputs = sum(_bytes(p.ty) for p in main.params)
+    weights, sizes = 0, []
+
+    def visit(expr):
+        nonlocal weights
+        if isinstance(expr, tvm.ir.Constant):
+            weights += _bytes(expr.ty)
+
+    relax.analysis.post_order_visit(main, visit)
+    for block in main.body.blocks:
+        for binding in block.bindings:
+            sizes.append(_bytes(binding.var.ty))
+    result = main.body.body.ty
+    outputs = _bytes(result) if isinstance(result, relax.TensorType) \
+        else sum(_bytes(f) for f in getattr(result, "fields", ()))
+    return {"inputs": inputs, "weights": weights, "outputs": outputs,
+            "largest_intermediate": max(sizes, default=0), "intermediates": sum(sizes)}

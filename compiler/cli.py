@@ -373,8 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     if bool(getattr(args, "rpc_tracker", None)) != bool(getattr(args, "rpc_key", None)):
         parser.error("--rpc-tracker HOST:PORT and --rpc-key KEY go together (the key the devices registered with)")
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s")
+    from compiler.emulator import stop_on_sigterm
     from compiler.errors import KilnError
 
+    stop_on_sigterm()  # a terminated `kiln` still stops the emulators and servers it started
     try:
         return _COMMANDS[args.command](args)
     except KilnError as err:

@@ -17,7 +17,7 @@ import targets
 from targets import TargetDescription
 
 from . import pipeline
-from .analysis import kernel_table
+from .analysis import kernel_table, memory_estimate
 from .artifact import module_metadata
 from .errors import TargetError
 from .module import CompiledModule
@@ -49,6 +49,7 @@ def compile_model(model, target="x86", *, example_inputs=None, input_shapes=None
         executable = build(scheduled, desc)
     kernels = kernel_table(lowered.fused, lowered.groups)
     meta = module_metadata(lowered.imported, desc, kernels)
+    meta["memory"] = memory_estimate(lowered.fused)
     meta["outputs"] = [s.to_json() for s in outputs]
     meta["precision"] = precision
     if lowered.quant is not None:

@@ -506,6 +506,22 @@ def _drain(stream, path: Path) -> None:
         pass
 
 
+def stop_on_sigterm() -> None:
+    """Make SIGTERM and SIGHUP end this process the way Ctrl-C does (``finally`` blocks and ``atexit``
+    handlers run), so the QEMU processes and temporary folders it started are cleaned up. For command-
+    line entry points only: it changes the process's signal handlers."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set handlers (an in-process caller from a worker thread)
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m compiler.emulator serve [--tracker HOST:PORT --key KEY] [--host H] [--port P]``."""
     import argparse
@@ -521,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, default=9090, help="first port to try (default 9090)")
     s.add_argument("--port-end", type=int, help="end of the port range to try (default: --port + 100)")
     args = p.parse_args(argv)
+    stop_on_sigterm()
     try:
         server = serve(tracker=args.tracker, key=args.key, host=args.host, port=args.port, port_end=args.port_end)
     except KilnError as err:

@@ -70,6 +70,10 @@ class PathError(KilnError):
     the reverse), unwritable, or not in the expected format (an inputs ``.npz`` holding objects)."""
 
 
+class MemoryLimitError(KilnError):
+    """A module needs more memory than the machine that would run it has (huge declared inputs)."""
+
+
 class NonFiniteError(KilnError):
     """An input or output holds NaN or infinity where the caller asked for finite values
     (``run(..., check_finite=True)``, ``kiln run --check-finite``)."""

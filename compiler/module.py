@@ -11,7 +11,7 @@ from typing import Sequence
 import targets
 
 from . import artifact
-from .errors import IncompatibleModuleError
+from .errors import IncompatibleModuleError, MemoryLimitError
 from .module_base import BenchmarkResult, ModuleBase
 
 
@@ -25,6 +25,29 @@ def use_all_cores() -> None:
     here is created (and the tuner, for its measurement workers). A value the user set is kept:
     set it before the first module runs to choose the thread count."""
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+
+
+def physical_memory() -> int:
+    """Bytes of physical memory on this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(meta: dict) -> None:
+    """A :class:`MemoryLimitError` when a run of the module cannot fit in this machine's memory: it
+    needs at least its inputs, outputs and largest intermediate tensor at once (metadata ``memory``,
+    from :func:`compiler.analysis.memory_estimate`)."""
+    mem = meta.get("memory")
+    if not isinstance(mem, dict):
+        return
+    need = sum(int(mem.get(k, 0)) for k in ("inputs", "outputs", "largest_intermediate"))
+    have = physical_memory()
+    if need > have:
+        shapes = ", ".join(f"{d['name']} {'x'.join(map(str, d['shape']))}" for d in meta.get("inputs", []))
+        raise MemoryLimitError(
+            f"the module needs at least {need / 2**30:.1f} GiB to run (inputs {shapes}: "
+            f"{mem.get('inputs', 0) / 2**30:.1f} GiB; largest intermediate "
+            f"{mem.get('largest_intermediate', 0) / 2**30:.1f} GiB) and this machine has "
+            f"{have / 2**30:.1f} GiB: compile it for smaller input shapes")
 
 
 class CompiledModule(ModuleBase):
@@ -46,6 +69,7 @@ class CompiledModule(ModuleBase):
         # cannot run here: no local VM for it (creating one would fail).
         self.runs_here = not self.target.is_cross
         if self.runs_here:
+            check_memory(meta)
             use_all_cores()
         self._vm = relax.VirtualMachine(executable, self._device) if self.runs_here else None
         self._main = self._vm["main"] if self.runs_here else None

@@ -130,7 +130,7 @@ def test_depthwise_conv_uses_kiln_rule():
                                               example_inputs=(torch.randn(1, 16, 32, 32),))._executable)
     start = src.index('extern "C" __global__', src.index("fused_conv2d"))
     kernel = src[start: src.find('extern "C" __global__', start + 10) if src.count("__global__") > 2 else None]
-    assert "__launch_bounds__(256)" in kernel and "_local_ptr[1]" in kernel and "max(" in kernel  # relu fused
+    assert "__launch_bounds__(256)" in kernel and "_local_ptr[1]" in kernel and "< 0x0p+0f" in kernel  # relu fused (x < 0 ? 0 : x)
 
 
 @needs_nvcc

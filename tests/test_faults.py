@@ -344,3 +344,27 @@ def test_outputs_into_a_new_folder_are_written(tiny_cnn_so, tmp_path, capsys):
     assert code == 0, err
     with np.load(out) as data:
         assert len(data.files) == 1
+
+
+# ------------------------------------------------------------------ memory
+
+def test_memory_estimate_counts_the_tensors(clean_pt2):
+    mem = compiler.compile(str(clean_pt2), target="x86").meta["memory"]
+    assert mem["inputs"] == 2 * 8 * 4 and mem["outputs"] == 2 * 4 * 4
+    assert mem["weights"] == (8 * 4 + 4) * 4
+    assert 0 < mem["largest_intermediate"] <= mem["intermediates"]
+
+
+def test_input_too_large_for_this_machine_is_refused(tmp_path, capsys):
+    """A declared input of 1x3x100000x100000 (112 GiB) compiled, then died in NumPy at run time."""
+    from compiler.errors import MemoryLimitError
+    from conftest import export_onnx
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()).eval()
+    src = export_onnx(model, (torch.randn(1, 3, 8, 8),), tmp_path / "conv.onnx", input_names=["input"],
+                      dynamic_axes={"input": {2: "h", 3: "w"}})
+    with pytest.raises(MemoryLimitError, match="GiB"):
+        compiler.compile(src, target="x86", input_shapes={"input": (1, 3, 100000, 100000)})
+    code, err = _cli(capsys, "compile", src, "--input-shape", "input:1x3x100000x100000", "-o", tmp_path / "m.so")
+    assert code == 1 and "GiB" in err and not (tmp_path / "m.so").exists()
+    _one_line(err)

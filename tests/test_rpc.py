@@ -349,3 +349,32 @@ def test_remote_error_is_a_kiln_error():
     assert issubclass(remote.RemoteError, KilnError)
     with pytest.raises(remote.RemoteError, match="expected HOST:PORT"):
         remote.parse_address("localhost")
+
+
+@pytest.mark.emulator
+@needs_emulator
+def test_sigterm_to_emulator_serve_cleans_up(tmp_path):
+    """SIGTERM to ``python -m compiler.emulator serve`` stops QEMU (nothing left listening) and removes
+    its temporary folder, as Ctrl-C does."""
+    import tempfile
+
+    port = _free_port()
+    before = set(Path(tempfile.gettempdir()).glob("kiln-emu-rpc-*"))
+    proc = subprocess.Popen([sys.executable, "-m", "compiler.emulator", "serve", "--port", str(port),
+                             "--port-end", str(port + 1)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        line = ""
+        deadline = time.time() + 180
+        while "listening" not in line and time.time() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "the server exited before listening"
+        assert "listening" in line
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with socket.socket() as s:
+        assert s.connect_ex((HOST, port)) != 0, "the RPC server still listens after SIGTERM"
+    assert set(Path(tempfile.gettempdir()).glob("kiln-emu-rpc-*")) <= before
