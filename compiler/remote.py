@@ -1,6 +1,6 @@
 """Remote devices through TVM RPC: run and time a Kiln module on a board, or measure tuning candidates there.
 
-A device is reached either directly (a ``python -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090``
+A device is reached either directly (a ``python -m tvm.exec.rpc_server --host ADDRESS --port 9090``
 running on it: ``rpc="board:9090"``) or through a tracker that hands out free devices registered under a
 key (``python -m tvm.exec.rpc_tracker --port 9190`` somewhere, ``python -m tvm.exec.rpc_server --tracker
 tracker:9190 --key rpi4`` on each board: ``tracker="tracker:9190", key="rpi4"``). Everything goes through
@@ -110,7 +110,7 @@ def _connect_tracker(address: str):
 
     host, port = parse_address(address, "RPC tracker address")
     _probe(host, port, "RPC tracker",
-           f"start it with `python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port {port}` on {host}, or pass "
+           f"start it with `python -m tvm.exec.rpc_tracker --host {host} --port {port}` on {host}, or pass "
            "the right --rpc-tracker HOST:PORT")
     try:
         return rpc.connect_tracker(host, port)
@@ -184,7 +184,7 @@ def connect_server(address: str, *, session_timeout: float = SESSION_TIMEOUT_S):
 
     host, port = parse_address(address, "RPC server address")
     _probe(host, port, "RPC server",
-           f"start it on the device with `python -m tvm.exec.rpc_server --host 0.0.0.0 --port {port}`, or pass "
+           f"start it on the device with `python -m tvm.exec.rpc_server --host {host} --port {port}`, or pass "
            "the right --rpc HOST:PORT")
     try:
         return rpc.connect(host, port, session_timeout=session_timeout)
