@@ -16,7 +16,7 @@ from pathlib import Path
 import targets
 from targets import TargetDescription
 
-from . import pipeline
+from . import native_log, pipeline
 from .analysis import kernel_table, memory_estimate
 from .artifact import module_metadata
 from .errors import TargetError
@@ -28,7 +28,15 @@ log = logging.getLogger(__name__)
 
 def compile_model(model, target="x86", *, example_inputs=None, input_shapes=None, input_dtypes=None,
                   tuning_logs=None, precision="fp32", calibration=None) -> CompiledModule:
-    """See :func:`compiler.compile`."""
+    """See :func:`compiler.compile`. TVM's native log goes to the ``kiln.tvm`` logger (DEBUG)."""
+    with native_log.captured():
+        return _compile(model, target, example_inputs=example_inputs, input_shapes=input_shapes,
+                        input_dtypes=input_dtypes, tuning_logs=tuning_logs, precision=precision,
+                        calibration=calibration)
+
+
+def _compile(model, target, *, example_inputs, input_shapes, input_dtypes, tuning_logs, precision,
+             calibration) -> CompiledModule:
     desc = targets.resolve(target)
     check_request(desc, precision, calibration)
     if desc.family == "mcu":  # a self-contained C library (compiler/mcu)

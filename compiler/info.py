@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import native_log
 from .analysis import FLOPS_NOTE, kernel_table, layer_table
 
 
@@ -12,7 +13,8 @@ def model_info(model, *, target="x86", input_shapes=None, example_inputs=None) -
     from . import pipeline
 
     desc = targets.resolve(target)
-    lowered = pipeline.lower(model, desc, example_inputs=example_inputs, input_shapes=input_shapes)
+    with native_log.captured():
+        lowered = pipeline.lower(model, desc, example_inputs=example_inputs, input_shapes=input_shapes)
     imported = lowered.imported
     original = layer_table(imported.mod)
     layers = layer_table(lowered.prepared)

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import targets
 
-from . import artifact
+from . import artifact, native_log
 from .errors import IncompatibleModuleError, MemoryLimitError
 from .module_base import BenchmarkResult, ModuleBase
 
@@ -157,7 +157,8 @@ class CompiledModule(ModuleBase):
 
             with tempfile.TemporaryDirectory(prefix="kiln-export-") as tmp:
                 return package(self.export(Path(tmp) / "model.so"), out_dir=path)
-        out = artifact.export(self._executable, path, self.meta, fcompile=export_compiler(self.target))
+        with native_log.captured():
+            out = artifact.export(self._executable, path, self.meta, fcompile=export_compiler(self.target))
         if self.target.kind == "cuda":  # compiled SASS for the target's sm_XX inside, not CUDA source
             from .cuda import check_device_code
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -59,7 +60,9 @@ def import_exported(program) -> ImportedModel:
         inputs.append(TensorSpec(name, shape, _dtype_name(val)))
     # Decompose here (TVM would do it inside) so that the graph Kiln inspects is the one TVM converts:
     # negative ``select`` indices are normalised below, and unsupported ops are found by node name.
-    program = program.run_decompositions()
+    with warnings.catch_warnings():  # torch's own deprecation notices about its pytree internals
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        program = program.run_decompositions()
     _normalize_negative_selects(program)
     try:
         mod = from_exported_program(program, keep_params_as_input=False, run_ep_decomposition=False)
