@@ -168,6 +168,27 @@ def StackAsConcat(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (TVM p
     return mutate_functions(_StackRewriter(mod), mod)
 
 
+@relax.expr_functor.mutator
+class _SqueezeAxesRewriter(relax.PyExprMutator):
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.squeeze") or call.attrs.axis is None:
+            return call
+        ndim = call.args[0].ty.ndim
+        axes = [int(a) for a in call.attrs.axis]
+        if ndim < 0 or all(a >= 0 for a in axes):
+            return call
+        return relax.op.squeeze(call.args[0], [a + ndim if a < 0 else a for a in axes])
+
+
+@tvm.transform.module_pass(opt_level=0, name="kiln.NonNegativeSqueezeAxes")
+def NonNegativeSqueezeAxes(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (TVM pass naming)
+    """``squeeze(x, axis=[-1])`` as ``squeeze(x, axis=[ndim - 1])``. TVM 0.27's layout inference for
+    squeeze indexes the layout with the negative axis as given and dies with ``std::bad_alloc`` in
+    ``ConvertLayout`` (a 1-D conv stack ending in ``squeeze(-1)``, torch's ``x.squeeze(-1)``)."""
+    return mutate_functions(_SqueezeAxesRewriter(mod), mod)
+
+
 #: Operators whose result is exact in the half type (they move, select or compare values; no
 #: arithmetic to round): left in half precision.
 _EXACT_IN_HALF = frozenset({

@@ -116,6 +116,7 @@ def prepare(mod: tvm.IRModule, target: TargetDescription) -> tvm.IRModule:
     steps += [
         relax.transform.DecomposeOpsForInference(),
         graph_passes.StackAsConcat,
+        graph_passes.NonNegativeSqueezeAxes,
         relax.transform.CanonicalizeBindings(),
         relax.transform.FoldConstant(),
         graph_passes.FoldAffineIntoConv,

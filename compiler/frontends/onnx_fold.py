@@ -18,6 +18,9 @@ ONNX Runtime's offline basic optimisation would also fold these, but it rewrites
 ``com.microsoft`` fused operators at higher levels and needs a session per model; the reference
 evaluator keeps the graph in the default domain and folds only what is constant.
 
+An ``If`` whose condition folds to a constant is replaced by its taken branch (exporters guard
+``squeeze(-1)`` and similar with a run-time shape test; a frozen input picks a branch).
+
 Not folded on purpose: random and quantisation operators (folding ``DequantizeLinear`` would turn
 quantised weights into float ones), control flow and sequence operators, and outputs that would be
 large *and* larger than the node's inputs (folding an ``Expand`` to a huge tensor only bloats the
@@ -116,24 +119,30 @@ class _Constants:
 
 
 def _fold_pass(model: onnx.ModelProto) -> int:
-    """One topological sweep; returns how many nodes were replaced by initializers."""
+    """One topological sweep; returns how many nodes were replaced by initializers or inlined."""
     graph = model.graph
     opset = default_opset(model)
     consts = _Constants(graph)
     shapes = static_shapes(graph)
     kept: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
+    folded = 0
     for node in graph.node:
+        branch = _taken_branch(node, consts)
+        if branch is not None:  # an If on a constant condition: its taken branch, inlined
+            kept.extend(_inline(node, branch, new_inits))
+            folded += 1
+            continue
         values = _try_fold(node, consts, shapes, opset)
         if values is None:
             kept.append(node)
             continue
+        folded += 1
         for name, value in zip(node.output, values):
             if name:
                 consts.add(name, value)
                 shapes[name] = value.shape
                 new_inits.append(numpy_helper.from_array(value, name))
-    folded = len(graph.node) - len(kept)
     if folded:
         del graph.node[:]
         graph.node.extend(kept)
@@ -143,6 +152,29 @@ def _fold_pass(model: onnx.ModelProto) -> int:
         del graph.value_info[:]
         graph.value_info.extend(kept_info)
     return folded
+
+
+def _taken_branch(node: onnx.NodeProto, consts: _Constants) -> onnx.GraphProto | None:
+    """The branch an ``If`` takes when its condition is a constant, else None."""
+    if node.op_type != "If" or node.domain not in _DEFAULT_DOMAINS or node.input[0] not in consts:
+        return None
+    cond = consts.get(node.input[0])
+    if cond.size != 1:
+        return None
+    branches = {attr.name: attr.g for attr in node.attribute}
+    return branches.get("then_branch" if bool(cond.reshape(())) else "else_branch")
+
+
+def _inline(node: onnx.NodeProto, branch: onnx.GraphProto, new_inits: list) -> list[onnx.NodeProto]:
+    """The branch's nodes (they read the outer graph's names directly; ONNX names are unique across
+    subgraphs), its initializers moved to the outer graph, and an ``Identity`` per ``If`` output."""
+    new_inits.extend(branch.initializer)
+    nodes = list(branch.node)
+    for inner, outer in zip(branch.output, node.output):
+        if outer:
+            nodes.append(onnx.helper.make_node("Identity", [inner.name], [outer],
+                                               name=f"{node.name or 'If'}/{outer}"))
+    return nodes
 
 
 def _try_fold(node, consts: _Constants, shapes, opset: int) -> list[np.ndarray] | None:
