@@ -847,3 +847,32 @@ def test_gather_kernels_are_measured_with_indices_in_range(tmp_path):
     with torch.no_grad():
         expected = model(ids).numpy()
     assert abs(mod(ids.numpy()) - expected).max() < 1e-5
+
+
+# ---------------------------------------------------------------- precision
+
+
+@pytest.mark.slow
+def test_int8_tuning_records_are_applied_by_an_int8_compile(tmp_path):
+    """``tune(..., precision="int8", calibration=...)`` lowers the model as the int8 compile does, so that
+    compile finds a record for every kernel (its default schedule at least) and applies them."""
+    import numpy as np
+    import torch
+
+    import compiler
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    example = (torch.randn(1, 16),)
+    calibration = [np.random.default_rng(i).standard_normal((1, 16)).astype("float32") for i in range(8)]
+    logs = tmp_path / "logs"
+    report = compiler.tune(model, "x86", example_inputs=example, trials=4, log_dir=logs, progress=False,
+                           precision="int8", calibration=calibration)
+    assert report.new_trials >= 1 and report.tasks
+    mod = compiler.compile(model, "x86", example_inputs=example, tuning_logs=logs, precision="int8",
+                           calibration=calibration)
+    assert mod.meta["untuned_kernels"] == [] and len(mod.meta["tuned_kernels"]) >= len(report.tasks)
+    x = calibration[0]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert np.linalg.norm(mod(x) - ref) <= 0.1 * np.linalg.norm(ref)  # int8's stated tolerance, loosely
