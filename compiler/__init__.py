@@ -65,7 +65,7 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
       given, 64 or 8 per kernel (one more batch each), whichever is more; off otherwise; 0 turns it off.
 
     ``log_dir``: the tuning-log directory; records go to ``log_dir/<target fingerprint>/`` (one
-    MetaSchedule JSON database per target, see ``schedules.database``) and are appended as each
+    MetaSchedule JSON database per target, see ``compiler.tuning.database``) and are appended as each
     trial is measured, so Ctrl-C or ``kill -9`` loses at most the trial in flight.
     ``resume=False`` sets existing logs for this target aside (renamed) and starts over.
     ``progress``: a live display (``rich``) when True, INFO lines on the ``compiler.tuning`` logger when
@@ -75,7 +75,7 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
 
     ``rpc_tracker`` (``"host:port"``) and ``rpc_key``: measure candidates on the devices registered under
     that key at a TVM RPC tracker instead of on this machine (``compiler.remote``); they are built here
-    (cross-compiled for ARM targets) and timed by MetaSchedule's ``RPCRunner``, one measurement worker per
+    (cross-compiled for ARM targets) and timed by MetaSchedule's ``RPCRunner`` (``compiler.tuning.rpc``), one measurement worker per
     free device. This is how ARM targets are tuned; without a tracker a cross target is a ``TargetError``.
 
     ``precision`` and ``calibration``: as for :func:`compile`; tuning runs the very same lowering

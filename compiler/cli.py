@@ -5,7 +5,7 @@
     kiln package model.so --target rpi4 [-o bundle/]
     kiln info MODEL
     kiln tune MODEL --target x86 [--trials N] [--time-budget 8h|30m|90s] [--early-stopping N] [--log-dir DIR]
-              [--rpc-tracker HOST:PORT --rpc-key KEY]
+              [--precision fp32|fp16|int8 [--calibration CALIB.npz]] [--rpc-tracker HOST:PORT --rpc-key KEY]
     kiln logs list|merge|export|import ...
     kiln targets
 
@@ -97,6 +97,27 @@ def _address_arg(text: str) -> str:
     return text
 
 
+def _add_precision_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--precision`` and ``--calibration``, the same for ``compile`` and ``tune`` (``what`` says what the
+    precision applies to): a tuning run lowers the model exactly as the compile that uses its records."""
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"),
+                        help=f"{what}: fp16: FP16 compute with FP32 accumulation (NVIDIA GPU targets); int8: "
+                        "post-training quantization (CPU and microcontroller targets; needs --calibration); "
+                        "default fp32")
+    parser.add_argument("--calibration", type=_npz_arg, metavar="CALIB.npz",
+                        help="int8 calibration inputs: one array per input name, N examples stacked on axis 0")
+
+
+def _calibration(args) -> dict | None:
+    """The calibration inputs ``--calibration`` names (one array per input name), or None."""
+    if not args.calibration:
+        return None
+    import numpy as np
+
+    with np.load(args.calibration) as data:
+        return {k: data[k] for k in data.files}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln", description="Kiln: compile trained models into fast deployable modules.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging; -v also shows tracebacks")
@@ -114,11 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--tuning-logs", help="tuning-log directory to take tuned schedules from (default: Kiln's "
                       "shipped records for the target, when it has some)")
     logs.add_argument("--untuned", action="store_true", help="Kiln's default schedules only: ignore shipped records")
-    c.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"),
-                   help="fp16: FP16 compute with FP32 accumulation (NVIDIA GPU targets); int8: post-training "
-                   "quantization (CPU and microcontroller targets; needs --calibration); default fp32")
-    c.add_argument("--calibration", type=_npz_arg, metavar="CALIB.npz",
-                   help="int8 calibration inputs: one array per input name, N examples stacked on axis 0")
+    _add_precision_args(c, "the module's precision")
     c.add_argument("--summary", action="store_true", help="print the fused kernels after compiling")
 
     r = sub.add_parser("run", help="run a compiled module on inputs from an .npz file (or random inputs)")
@@ -162,6 +179,8 @@ def _parser() -> argparse.ArgumentParser:
     tu.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME:SHAPE",
                     help="fix an input's shape, e.g. input:1x3x224x224 (repeatable)")
     tu.add_argument("--restart", action="store_true", help="set existing logs for this target aside and start over")
+    _add_precision_args(tu, "tune the kernels of the model compiled at this precision (compile with the same "
+                        "--precision and --calibration to use the records)")
     tu.add_argument("--rpc-tracker", type=_address_arg, metavar="HOST:PORT",
                     help="measure candidates on the devices under --rpc-key at this TVM RPC tracker (how ARM "
                     "targets are tuned; candidates are cross-compiled here)")
@@ -210,7 +229,7 @@ def _cmd_compile(args) -> int:
     t0 = time.perf_counter()
     mod = compiler.compile(args.model, target=args.target, input_shapes=dict(args.input_shape) or None,
                            tuning_logs=False if args.untuned else args.tuning_logs, precision=args.precision,
-                           calibration=calibration)
+                           calibration=_calibration(args))
     path = mod.export(args.output)
     if path.is_dir():  # a microcontroller C library (compiler/mcu)
         files = ", ".join(sorted(p.name for p in path.iterdir()))
@@ -309,16 +328,19 @@ def _cmd_tune(args) -> int:
     report = compiler.tune(args.model, target=args.target, input_shapes=dict(args.input_shape) or None,
                            trials=args.trials, time_budget=args.time_budget, log_dir=args.log_dir,
                            resume=not args.restart, early_stopping=args.early_stopping,
-                           rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key)
+                           rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, precision=args.precision,
+                           calibration=_calibration(args))
     print(report)
     logs = report.log_dir.parent  # args.log_dir, or its emulated/ subfolder for emulated devices
-    print(f"then: kiln compile {args.model} --target {args.target} --tuning-logs {logs} -o MODEL.so")
+    precision = (f" --precision {args.precision}" + (f" --calibration {args.calibration}" if args.calibration else "")
+                 if args.precision != "fp32" else "")
+    print(f"then: kiln compile {args.model} --target {args.target}{precision} --tuning-logs {logs} -o MODEL.so")
     return 0
 
 
 def _cmd_logs(args) -> int:
     import targets
-    from schedules import database
+    from compiler.tuning import archive, database
 
     if args.logs_command == "list":
         found = database.list_logs(args.log_dir)
@@ -330,10 +352,10 @@ def _cmd_logs(args) -> int:
         target = targets.get(args.target) if args.target else None
         print(database.merge(args.sources, args.log_dir, target=target, best_only=args.best_only))
     elif args.logs_command == "export":
-        out = database.export_logs(args.log_dir, targets.get(args.target), args.output)
+        out = archive.export_logs(args.log_dir, targets.get(args.target), args.output)
         print(f"wrote {out} ({out.stat().st_size / 1e3:.1f} kB)")
     else:
-        print(database.import_logs(args.archive, args.log_dir))
+        print(archive.import_logs(args.archive, args.log_dir))
     return 0
 
 

@@ -21,6 +21,7 @@ from .analysis import kernel_table, memory_estimate
 from .artifact import module_metadata
 from .errors import TargetError
 from .module import CompiledModule
+from .tuning import database as logs_db
 from .version import __version__
 
 log = logging.getLogger(__name__)
@@ -131,9 +132,7 @@ def open_tuning_logs(path, target: TargetDescription):
 
     A missing directory, one without records for ``target``, a ``target.json`` describing another
     target or a corrupt database is a :class:`TuningError`; a torn last line is repaired with a
-    warning (see ``schedules.database``)."""
-    from schedules import database as logs_db
-
+    warning (see ``compiler.tuning.database``)."""
     return logs_db.open_logs(path, target, create=False).database
 
 
@@ -145,7 +144,5 @@ SHIPPED_LOGS = Path(__file__).resolve().parent.parent / "tuning_logs"
 def shipped_logs(target: TargetDescription) -> Path | None:
     """:data:`SHIPPED_LOGS` when it holds records for ``target``'s exact fingerprint (same CPU model,
     features and cores), else None: records of another machine never answer this one's queries."""
-    from schedules import database as logs_db
-
     work = SHIPPED_LOGS / target.fingerprint()
     return SHIPPED_LOGS if (work / logs_db.TARGET_FILE).exists() and (work / logs_db.RECORD_FILE).exists() else None

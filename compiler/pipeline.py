@@ -177,7 +177,7 @@ def apply_records(mod: tvm.IRModule, target: TargetDescription, database) -> tup
     one; return the module (a copy) and the names of the kernels a record scheduled.
 
     ``MetaScheduleApplyDatabase`` looks each PrimFunc up as the ``main`` of an IRModule, the same key
-    ``schedules.search.extract_tasks`` tunes under, and marks what it scheduled ``tirx.is_scheduled``."""
+    ``compiler.tuning.search.extract_tasks`` tunes under, and marks what it scheduled ``tirx.is_scheduled``."""
     mod = _copy(mod)
     unscheduled = {gv.name_hint for gv, f in mod.functions_items()
                    if isinstance(f, tvm.tirx.PrimFunc) and not f.attrs.get("tirx.is_scheduled", False)}

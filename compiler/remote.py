@@ -12,8 +12,8 @@ the emulated aarch64 device)::
         y = mod.run(x)                       # uploaded, loaded in the device's Relax VM, run there
         print(mod.benchmark(repeat=20))      # the VM's time_evaluator, timed on the device
 
-Tuning through a tracker (``compiler.tune(..., rpc_tracker=, rpc_key=)``) uses :func:`tuning_parts`:
-MetaSchedule's ``RPCRunner`` with one measurement worker per free device under the key.
+Tuning through a tracker (``compiler.tune(..., rpc_tracker=, rpc_key=)``) reaches the devices with the
+functions here; its builder and runner are ``compiler.tuning.rpc``'s.
 
 Failures Kiln can name (a tracker or server that does not answer, a key with no device or no free one,
 a module for another architecture than the device) are :class:`RemoteError` with the address and the fix.
@@ -345,60 +345,6 @@ def load(path: str | os.PathLike, *, rpc: str | None = None, tracker: str | None
     else:
         session, where = request_session(tracker, key or "", wait=wait), f"key {key!r} of RPC tracker {tracker}"
     return RemoteModule(path, session, where)
-
-
-# ------------------------------------------------------------------------------ tuning
-def check_tuning_devices(tracker: str, key: str, desc) -> DeviceInfo:
-    """Before a tuning run measures on the devices under ``key`` at ``tracker``: the target must be a CPU
-    target, the key must have a device, and the device's architecture must be the target's (one session
-    is opened to ask). Returns what the device reported; logs a warning when it is emulated."""
-    import logging
-
-    from .errors import TargetError
-
-    if desc.kind != "llvm" or desc.family not in ("x86", "arm"):
-        raise TargetError(f"target {desc.name!r} ({desc.family}) cannot be tuned through RPC by this Kiln: the "
-                          "x86 and ARM Linux targets can")
-    check_key(tracker, key)
-    session = request_session(tracker, key, session_timeout=60)
-    try:
-        info = device_info(session)
-    finally:
-        del session
-        import gc
-
-        gc.collect()  # end the session now: the device goes back to the tracker
-    check_arch(target_arch(desc), info, f"key {key!r} of RPC tracker {tracker}", f"target {desc.name!r}")
-    if info.emulated:
-        logging.getLogger(__name__).warning(
-            "the devices under key %r run under emulation (%s): their timings are for correctness checks only, "
-            "so records tuned on them say nothing about a real board's speed", key, info.emulated)
-    return info
-
-
-def tuning_parts(tracker: str, key: str, desc, *, build_workers: int | None = None,
-                 timeout_sec: float = 60.0) -> dict:
-    """``builder`` and ``runner`` for ``schedules.search.Searcher`` measuring on the devices under ``key``:
-    candidates are built here and linked into ``.so`` files with the target's compiler (its cross
-    compiler for ARM), then MetaSchedule's ``RPCRunner`` uploads and times each on a free device, with
-    one measurement worker per device free under the key now (several devices measure in parallel)."""
-    from schedules import search
-    from tvm.s_tir import meta_schedule as ms
-
-    from .toolchain import check_cross_compiler
-
-    check_cross_compiler(desc)
-    status = check_key(tracker, key)
-    host, port = parse_address(tracker)
-    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
-                                 session_priority=1, session_timeout_sec=int(timeout_sec))
-    workers = max(1, status.free)
-    builder = search.PersistentBuilder(max_workers=build_workers or len(os.sched_getaffinity(0)),
-                                       link=desc.cross_compiler or "")
-    runner = ms.runner.RPCRunner(rpc_config=config, evaluator_config=search.evaluator_config(desc.to_tvm()),
-                                 f_alloc_argument=search.rpc_alloc_argument,
-                                 f_run_evaluator=search.rpc_run_evaluator, max_workers=workers)
-    return {"builder": builder, "runner": runner}
 
 
 def wait_for_key(tracker: str, key: str, servers: int = 1, timeout: float = 60.0) -> TrackerStatus:

@@ -64,7 +64,7 @@ def run_kiln(model: str, trials: int, work: str) -> dict:
 def _valid_trials(report) -> int:
     """Trials of ``report``'s run that built and ran (failed candidates are stored with 1e10 s;
     the default-schedule records are not trials)."""
-    from schedules import database
+    from compiler.tuning import database
 
     defaults = {e.get("trace") for e in database.read_defaults(report.log_dir).values()}
     _hashes, records = database.read_db(report.log_dir)

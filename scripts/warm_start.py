@@ -89,7 +89,7 @@ def existing_trials(model, inputs, log_dir: Path) -> int:
 
     import targets
     from compiler import pipeline
-    from schedules import database, search
+    from compiler.tuning import database, search
 
     desc = targets.get("x86")
     fused = pipeline.lower(model, desc, example_inputs=inputs).fused
@@ -101,7 +101,7 @@ def existing_trials(model, inputs, log_dir: Path) -> int:
 def _record_counts(log_dir: Path) -> dict[str, int]:
     """Records per workload hash in the x86 database under ``log_dir`` (empty when none)."""
     import targets
-    from schedules import database
+    from compiler.tuning import database
 
     work = log_dir / targets.get("x86").fingerprint()
     if not (work / database.WORKLOAD_FILE).exists():
@@ -117,7 +117,7 @@ def _new_trials(work: Path, hashes_of, before: dict[str, int]):
     """``(workload hash, ms or None for a failed candidate)`` of each trial this run added for the
     workloads in ``hashes_of``, in the order appended (records there before it and default schedules
     left out)."""
-    from schedules import database
+    from compiler.tuning import database
 
     default_traces = {e.get("trace") for e in database.read_defaults(work).values()}
     hashes, records = database.read_db(work)
@@ -138,7 +138,7 @@ def search_trajectory(work: Path, model: str, before: dict[str, int]) -> list[tu
     the order they were appended), ``sum(weight x best trial so far) / sum(weight x default)`` over the
     model's kernels, from the first trial at which every kernel has one. Normalising by the run's own
     default figures keeps load changes between runs out of the comparison."""
-    from schedules import database
+    from compiler.tuning import database
 
     weight = {t["workload"]: t["weight"] for t in database.read_models(work)[model]["tasks"]}
     defaults = database.read_defaults(work)
@@ -156,7 +156,7 @@ def search_trajectory(work: Path, model: str, before: dict[str, int]) -> list[tu
 def kernel_trials(work: Path, model: str, before: dict[str, int]) -> dict[str, list[float]]:
     """Per kernel of ``model``: its new trials of this run in order, each as latency / the kernel's
     default latency (inf for a candidate that failed)."""
-    from schedules import database
+    from compiler.tuning import database
 
     hashes_of = {t["workload"] for t in database.read_models(work)[model]["tasks"]}
     defaults = database.read_defaults(work)

@@ -203,6 +203,16 @@ def test_help_exits_zero(capsys, argv):
     assert "usage: kiln" in out
 
 
+def test_tune_takes_compiles_precision_options(capsys, tmp_path):
+    """``kiln tune`` lowers the model at the precision the compile will use: it lists --precision and
+    --calibration, and refuses an unknown precision before any work, naming the choices."""
+    code, out, _ = kiln(capsys, "tune", "--help")
+    assert code == 0 and "--precision" in out and "--calibration" in out and "int8" in out
+    code, _, err = kiln(capsys, "tune", "zoo:mlp", "--precision", "int4", "--log-dir", tmp_path / "logs")
+    assert code == 2 and "--precision" in err and "invalid choice: 'int4'" in err and "fp16" in err
+    assert not (tmp_path / "logs").exists()
+
+
 def test_no_command_is_a_usage_error(capsys):
     code, _, err = kiln(capsys)
     assert code == 2 and "usage: kiln" in err

@@ -243,7 +243,7 @@ def test_module_for_other_gpu_is_refused(tmp_path):
 # -- tuning -------------------------------------------------------------------------------------
 def _gpu_tasks(target: str, model: str = "tiny_cnn"):
     from compiler import pipeline
-    from schedules import search
+    from compiler.tuning import search
 
     desc = targets.get(target)
     fused = pipeline.lower(f"zoo:{model}", desc).fused
@@ -267,7 +267,7 @@ def test_gpu_tuning_candidates_build_with_device_code(tmp_path):
     an RPC device or the local runner loads) carrying SASS for sm_90."""
     from tvm.s_tir import meta_schedule as ms
 
-    from schedules import search
+    from compiler.tuning import search
 
     desc, tasks = _gpu_tasks("h100")
     target = desc.to_tvm()

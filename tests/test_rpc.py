@@ -326,7 +326,7 @@ def test_run_on_emulated_device_through_tracker(capsys, tmp_path, tiny_arm_so, t
 def test_tune_arm_on_emulated_device(tmp_path, tracker, emu_server, caplog):
     before = _loads(emu_server.log())
     logs = tmp_path / "logs"
-    with caplog.at_level("WARNING", logger="compiler.remote"):
+    with caplog.at_level("WARNING", logger="compiler.tuning"):
         report = compiler.tune("zoo:mlp", "arm", trials=3, log_dir=str(logs), rpc_tracker=tracker,
                                rpc_key=EMU_KEY, progress=False)
     assert "run under emulation" in caplog.text

@@ -347,7 +347,7 @@ def test_registry_hooks_are_explicit():
     probe = ("import tvm, compiler, schedules, schedules.x86.conv, schedules.x86.elementwise\n"
              "has = lambda: tvm.ir.Op.get('relax.clip').get_attr('FRelaxInferLayout') is not None\n"
              "print(has())\n"
-             "from schedules import search\n"
+             "from compiler.tuning import search\n"
              "search._import_tvm()\n"
              "print(has())\n")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)

@@ -14,7 +14,7 @@ import torch
 import targets
 from compiler import cli, driver
 from conftest import assert_close, run_torch, zoo_model
-from schedules import database
+from compiler.tuning import database
 
 
 def _work(root):

@@ -53,7 +53,7 @@ def _lines(path: Path) -> list[str]:
 def _mlp_tasks():
     from compiler import pipeline
 
-    from schedules import search
+    from compiler.tuning import search
 
     desc = _host()
     fused = pipeline.lower("zoo:mlp", desc).fused
@@ -175,14 +175,14 @@ def test_torn_last_line_is_skipped_with_a_warning(logs, which, caplog):
     data = path.read_bytes()
     last_start = data.rstrip(b"\n").rfind(b"\n") + 1
     path.write_bytes(data[: last_start + (len(data) - last_start) // 2])  # as after kill -9 mid-append
-    with caplog.at_level(logging.WARNING, logger="schedules.database"):
+    with caplog.at_level(logging.WARNING, logger="compiler.tuning.database"):
         db = open_tuning_logs(logs, _host())
     assert any("torn last line" in r.message for r in caplog.records)
     assert list(work.glob(which + ".torn-*")), "the torn original is kept"
     assert len(db) == RECORDS - lost
     assert path.read_bytes().endswith(b"\n") and all(json.loads(line) for line in _lines(path))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="schedules.database"):
+    with caplog.at_level(logging.WARNING, logger="compiler.tuning.database"):
         compiler.compile("zoo:mlp", "x86", tuning_logs=logs)  # repaired: opens cleanly, builds
     assert not any("torn last line" in r.message for r in caplog.records)
 
@@ -238,7 +238,7 @@ def test_a_changed_default_schedule_is_measured_again_and_is_no_trial(logs):
     next tuning run measures the new default and stores it as a record; the earlier default stays a
     record of the kernel and neither counts as a trial."""
     import compiler
-    from schedules import database
+    from compiler.tuning import database
 
     work = _work(logs)
     data = json.loads((work / "defaults.json").read_text())
@@ -278,10 +278,10 @@ def test_logs_timed_under_another_protocol_are_set_aside_not_mixed(logs, caplog)
     """Records timed with hot caches (older Kiln) must not compete with flushed timings: tuning moves
     them aside (nothing deleted) and starts a fresh database; they still compile where they are."""
     import compiler
-    from schedules import search
+    from compiler.tuning.measurement import MEASUREMENT
 
     work = _work(logs)
-    assert json.loads((work / "target.json").read_text())["measurement"] == search.MEASUREMENT
+    assert json.loads((work / "target.json").read_text())["measurement"] == MEASUREMENT
     _relabel_measurement(work, None)
     old_records = (work / "database_tuning_record.json").read_bytes()
     with caplog.at_level(logging.WARNING, logger="compiler"):
@@ -290,14 +290,14 @@ def test_logs_timed_under_another_protocol_are_set_aside_not_mixed(logs, caplog)
     assert len(moved) == 1 and (_work(moved[0]) / "database_tuning_record.json").read_bytes() == old_records
     assert "'hot'" in caplog.text and str(moved[0]) in caplog.text
     assert report.total_trials == 0  # the fresh database has none of the old trials
-    assert json.loads((work / "target.json").read_text())["measurement"] == search.MEASUREMENT
+    assert json.loads((work / "target.json").read_text())["measurement"] == MEASUREMENT
     # the old records still compile from where they were moved
     mod = compiler.compile("zoo:mlp", "x86", tuning_logs=moved[0])
     assert len(mod.meta["tuned_kernels"]) == KERNELS
 
 
 def test_logs_merge_refuses_mixed_measurement_protocols(logs, tmp_path):
-    from schedules import database
+    from compiler.tuning import database
 
     old = tmp_path / "old"
     shutil.copytree(logs, old)
@@ -327,7 +327,7 @@ def test_resume_continues_and_never_duplicates_workloads(logs):
     for old, new in zip(first.tasks, report.tasks):
         assert new.trials == 2 and new.best_ms <= old.best_ms + 1e-12
     assert report.cost_model == "warm"  # started from the model the first run saved
-    from schedules import database
+    from compiler.tuning import database
 
     hashes, recs = database.read_db(work)
     keys = [(hashes[i], database.trace_key(r[0])) for i, r in recs]
@@ -339,7 +339,7 @@ def test_search_never_proposes_a_measured_candidate_again():
     picks) and repeats within a batch, keeps the batch size, and generates once per batch."""
     from types import SimpleNamespace
 
-    from schedules import search
+    from compiler.tuning import search
 
     def cand(name, decision):
         trace = SimpleNamespace(as_json=lambda remove_postproc: [[["Sample", [], [name], ["v0"]]], [[0, decision]]])
@@ -396,9 +396,9 @@ def _kernel_ms(built, name: str) -> float:
     rng = np.random.default_rng(0)
     args = [tvm.runtime.tensor(rng.random([int(d) for d in info.shape]).astype(str(info.dtype)), dev)
             for info in ms.arg_info.ArgInfo.from_prim_func(func)]
-    from schedules import search
+    from compiler.tuning import measurement
 
-    cfg = search.evaluator_config(tvm.target.Target({"kind": "llvm"}))  # the tuner's protocol
+    cfg = measurement.evaluator_config(tvm.target.Target({"kind": "llvm"}))  # the tuner's protocol
     timer = executable.mod.imports[0].time_evaluator(
         name, dev, number=cfg.number, repeat=max(cfg.repeat, 20), min_repeat_ms=cfg.min_repeat_ms,
         f_preproc="cache_flush_cpu_non_first_arg" if cfg.enable_cpu_cache_flush else "")
@@ -411,7 +411,7 @@ def _near(a_ms: float, b_ms: float) -> bool:
 
 
 def test_default_schedules_are_records_but_not_trials(tuned_logs):
-    from schedules import database
+    from compiler.tuning import database
 
     work = _work(tuned_logs)
     defaults = database.read_defaults(work)
@@ -459,7 +459,7 @@ def test_tuned_kernels_never_slower_than_defaults_and_run_at_the_tuners_figure(t
 
 
 def test_cost_model_is_saved_and_warm_starts(tuned_logs):
-    from schedules import database, search
+    from compiler.tuning import database, search
 
     path = _work(tuned_logs) / database.COST_MODEL_FILE
     assert path.exists() and path.stat().st_size > 0
@@ -490,7 +490,7 @@ def _retarget(src_work: Path, dest_root: Path, name: str) -> Path:
 
 
 def test_logs_list(tuned_logs, capsys):
-    from schedules import database
+    from compiler.tuning import database
 
     [summary] = database.list_logs(tuned_logs)
     assert summary.target == "x86" and summary.fingerprint == _host().fingerprint()
@@ -502,7 +502,7 @@ def test_logs_list(tuned_logs, capsys):
 
 
 def test_logs_merge_dedupes_and_keeps_every_record(logs, tmp_path, capsys):
-    from schedules import database
+    from compiler.tuning import database
 
     # a second machine's logs: the same target, with workload 0 missing and one record re-measured
     other = tmp_path / "other"
@@ -531,7 +531,7 @@ def test_logs_merge_dedupes_and_keeps_every_record(logs, tmp_path, capsys):
 
 
 def test_logs_merge_refuses_mixed_targets(logs, tmp_path, capsys):
-    from schedules import database
+    from compiler.tuning import database
 
     other = tmp_path / "haswell_logs"
     other.mkdir()
@@ -586,9 +586,9 @@ def _tar(path: Path, entries: dict) -> Path:
 
 
 def test_logs_import_rejects_corrupt_archives_atomically(logs, tmp_path):
-    from schedules import database
+    from compiler.tuning import archive, database
 
-    good = database.export_logs(logs, _host(), tmp_path / "good.tar.gz")
+    good = archive.export_logs(logs, _host(), tmp_path / "good.tar.gz")
     data = good.read_bytes()
     fp = _host().fingerprint()
     work = _work(logs)
@@ -612,11 +612,11 @@ def test_logs_import_rejects_corrupt_archives_atomically(logs, tmp_path):
     before = {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()}
     for what, name in cases.items():
         with pytest.raises(TuningError, match="not a tuning-log archive|corrupt|cannot read"):
-            database.import_logs(tmp_path / name, dest)
+            archive.import_logs(tmp_path / name, dest)
         assert {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()} == before, what
     assert not (tmp_path.parent / "evil.json").exists()
     with pytest.raises(TuningError, match="not found"):
-        database.import_logs(tmp_path / "missing.tar.gz", dest)
+        archive.import_logs(tmp_path / "missing.tar.gz", dest)
 
 
 @pytest.mark.slow
@@ -625,7 +625,7 @@ def test_tiny_cnn_tuned_convolutions_never_slower_than_defaults(tmp_path):
     import compiler
     from compiler import pipeline
     from compiler.module import use_all_cores
-    from schedules import search
+    from compiler.tuning import search
 
     use_all_cores()
     desc = _host()
@@ -659,7 +659,7 @@ def test_kiln_conv_template_is_searched_and_every_sample_is_correct():
 
     from compiler import pipeline
 
-    from schedules import search
+    from compiler.tuning import search
 
     desc = _host()
     target = desc.to_tvm()
@@ -733,7 +733,7 @@ def test_scheduler_warms_up_every_task_then_follows_the_gain():
 def test_plain_progress_has_no_escape_codes(caplog):
     import io
 
-    from compiler import progress
+    from compiler.tuning import progress
 
     stream = io.StringIO()  # not a terminal
     display = progress.open_display(None, stream)
@@ -770,9 +770,10 @@ def test_early_stopping_stops_a_real_run(logs, monkeypatch, caplog, capfd):
     reaches a patience of 2 trials. Progress goes to the log as plain lines and to the trajectory file."""
     import compiler
     from compiler import tuning
+    from compiler.tuning import run, scheduler
 
-    monkeypatch.setattr(tuning, "ROUND_TRIALS", 2)
-    monkeypatch.setattr(tuning, "EARLY_STOPPING_MIN_GAIN", 1.0)
+    monkeypatch.setattr(scheduler, "ROUND_TRIALS", 2)
+    monkeypatch.setattr(run, "EARLY_STOPPING_MIN_GAIN", 1.0)
     with caplog.at_level(logging.INFO, logger="compiler.tuning"):
         report = compiler.tune("zoo:mlp", "x86", trials=30, log_dir=logs, early_stopping=2)
     assert report.stopped_by == "early-stopping"
@@ -846,3 +847,32 @@ def test_gather_kernels_are_measured_with_indices_in_range(tmp_path):
     with torch.no_grad():
         expected = model(ids).numpy()
     assert abs(mod(ids.numpy()) - expected).max() < 1e-5
+
+
+# ---------------------------------------------------------------- precision
+
+
+@pytest.mark.slow
+def test_int8_tuning_records_are_applied_by_an_int8_compile(tmp_path):
+    """``tune(..., precision="int8", calibration=...)`` lowers the model as the int8 compile does, so that
+    compile finds a record for every kernel (its default schedule at least) and applies them."""
+    import numpy as np
+    import torch
+
+    import compiler
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    example = (torch.randn(1, 16),)
+    calibration = [np.random.default_rng(i).standard_normal((1, 16)).astype("float32") for i in range(8)]
+    logs = tmp_path / "logs"
+    report = compiler.tune(model, "x86", example_inputs=example, trials=4, log_dir=logs, progress=False,
+                           precision="int8", calibration=calibration)
+    assert report.new_trials >= 1 and report.tasks
+    mod = compiler.compile(model, "x86", example_inputs=example, tuning_logs=logs, precision="int8",
+                           calibration=calibration)
+    assert mod.meta["untuned_kernels"] == [] and len(mod.meta["tuned_kernels"]) >= len(report.tasks)
+    x = calibration[0]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert np.linalg.norm(mod(x) - ref) <= 0.1 * np.linalg.norm(ref)  # int8's stated tolerance, loosely

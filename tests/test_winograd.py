@@ -138,7 +138,7 @@ def test_tuned_winograd_kernels_get_their_records_and_match_pytorch(tmp_path):
     transforms' only record is Kiln's default, they are not searched), compile applies a record to
     every kernel (none falls back to its default), and the tuned module matches PyTorch."""
     from compiler import pipeline
-    from schedules import search
+    from compiler.tuning import search
 
     desc = targets.get("x86")
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))

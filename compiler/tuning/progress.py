@@ -1,6 +1,7 @@
-"""Progress of a tuning run: a live ``rich`` display on a terminal, plain log lines elsewhere.
+"""Progress of a tuning run: a live ``rich`` display on a terminal, plain log lines elsewhere, and
+the run's trajectory in a JSON-lines file.
 
-``compiler.tuning`` builds a :class:`Snapshot` after every batch and hands it to the display that
+``compiler.tuning.run`` builds a :class:`Snapshot` after every batch and hands it to the display that
 :func:`open_display` picked:
 
 * :class:`LiveDisplay` when stdout is a terminal (and ``rich`` is installed): trials done / total,
@@ -9,15 +10,24 @@
   best and default figures. Redrawn in place twice a second.
 * :class:`PlainDisplay` otherwise (CI, tests, ``nohup``, pipes): one INFO line per batch on the
   ``compiler.tuning`` logger, plain text (no escape codes), shown by ``kiln tune``.
+
+Each batch is also appended to the model's trajectory file (:func:`progress_path`,
+:func:`append_progress`, :func:`read_progress`): trials and estimated latency over time.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
+from .report import fmt_hms as hms
+from .report import fmt_ms as ms
 
 log = logging.getLogger("compiler.tuning")
 
@@ -71,17 +81,6 @@ class Snapshot:
 
     def top(self, n: int = TOP_TASKS) -> list[TaskRow]:
         return sorted(self.tasks, key=lambda r: -r.share_ms)[:n]
-
-
-def hms(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(round(seconds))
-    return f"{s // 3600}h{s // 60 % 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4f}" if v >= 0.001 else f"{v:.2e}"
 
 
 def summary_line(snap: Snapshot) -> str:
@@ -183,3 +182,36 @@ def open_display(live: bool | None = None, stream=None):
         except ImportError:  # rich missing: plain lines still say everything
             pass
     return PlainDisplay()
+
+
+# -- the trajectory file ---------------------------------------------------------------------------
+def progress_path(work: Path, model: str) -> Path:
+    """Where ``tune`` appends the trajectory of ``model``'s runs: ``<work>/progress/<model>.jsonl``."""
+    return Path(work) / "progress" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", model).strip("_") + ".jsonl")
+
+
+def append_progress(path: Path, entry: dict) -> None:
+    """Append one JSON line with a single ``write`` on an ``O_APPEND`` descriptor (concurrent
+    appends never interleave; a kill mid-write tears at most this line, which readers skip)."""
+    data = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def read_progress(path) -> list[dict]:
+    """The entries of a progress file (lines that do not parse, such as a torn last line, skipped; a
+    missing file has none)."""
+    out = []
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return out
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out

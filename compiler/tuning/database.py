@@ -31,15 +31,24 @@ and line.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from targets import TargetDescription
+from targets import _CODEGEN_FIELDS, TargetDescription
+
+from ..errors import TuningError
+from ..version import __version__
+from .measurement import MEASUREMENT
+
+# TVM (MetaSchedule's JSONDatabase) is imported in the functions that open a database: listing and
+# merging logs read plain JSON and need no TVM.
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +61,6 @@ COST_MODEL_FILE = "cost_model.tar"
 #: Files that make up one target's logs (what merge, export and import carry; not the cost model,
 #: which is a pickle: never load one from an archive).
 DATA_FILES = (TARGET_FILE, WORKLOAD_FILE, RECORD_FILE, DEFAULTS_FILE, MODELS_FILE)
-
-
-def _error(msg: str):
-    from compiler.errors import TuningError
-
-    return TuningError(msg)
 
 
 def target_dir(log_dir, target: TargetDescription) -> Path:
@@ -98,7 +101,7 @@ def _scan(path: Path, check) -> tuple[list[bytes], bool]:
             if last and not complete and raw.lstrip().startswith(b"["):
                 torn = True
                 break
-            raise _error(
+            raise TuningError(
                 f"tuning log {path} is corrupt at line {i} ({err}); it is not a MetaSchedule JSON "
                 f"database. Move it away (or delete {path.parent}) and tune again"
             ) from None
@@ -144,8 +147,6 @@ def repair(work: Path) -> list[str]:
 
 # -- opening --------------------------------------------------------------------------------------
 def _codegen_view(data: dict) -> dict:
-    from targets import _CODEGEN_FIELDS
-
     return {k: data.get(k) for k in _CODEGEN_FIELDS}
 
 
@@ -156,9 +157,9 @@ def _check_target_file(work: Path, target: TargetDescription) -> None:
         recorded = data["target"]
         fingerprint = data["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise _error(f"tuning log {path} is unreadable or corrupt ({err})") from None
+        raise TuningError(f"tuning log {path} is unreadable or corrupt ({err})") from None
     if fingerprint != target.fingerprint() or _codegen_view(recorded) != _codegen_view(target.to_json()):
-        raise _error(
+        raise TuningError(
             f"tuning logs in {work} were made for target {recorded.get('name')!r} (fingerprint "
             f"{fingerprint}), not for {target.name!r} (fingerprint {target.fingerprint()}); "
             "records of different targets never share a database"
@@ -170,9 +171,7 @@ LEGACY_MEASUREMENT = "hot"
 
 
 def current_measurement() -> str:
-    """How this Kiln times candidates (``schedules.search.MEASUREMENT``)."""
-    from schedules.search import MEASUREMENT
-
+    """How this Kiln times candidates (``compiler.tuning.measurement.MEASUREMENT``)."""
     return MEASUREMENT
 
 
@@ -182,8 +181,6 @@ def measurement(meta: dict) -> str:
 
 
 def _write_target_file(work: Path, target: TargetDescription) -> None:
-    from compiler import __version__
-
     data = {"fingerprint": target.fingerprint(), "kiln_version": __version__, "target": target.to_json(),
             "measurement": current_measurement()}
     _atomic_write(work / TARGET_FILE, [json.dumps(data, indent=1).encode()])
@@ -220,8 +217,6 @@ class TuningLogs:
     def set_default(self, workload_hash: str, ms: float | None, trace: str | None) -> None:
         """Record the default schedule's latency (and the key of its record's trace) for a workload; the
         trace keys of its earlier defaults (Kiln's default schedule changed) are kept in ``previous``."""
-        from compiler import __version__
-
         data = read_defaults(self.work)
         old = data.get(workload_hash, {})
         # earlier default schedules of the workload stay records of it, and are not trials either
@@ -234,15 +229,11 @@ class TuningLogs:
 # -- reading the files directly (listing, merging, counting) --------------------------------------
 def trace_key(trace_json) -> str:
     """A stable key of a record's trace (its JSON form, as stored in the record file)."""
-    import hashlib
-
     return hashlib.sha1(json.dumps(trace_json, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def record_trace_key(record) -> str:
     """:func:`trace_key` of a ``TuningRecord`` not yet stored (serialised as the JSON database would)."""
-    import tempfile
-
     from tvm.s_tir import meta_schedule as ms
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -291,7 +282,7 @@ def read_json(path: Path, default):
     except FileNotFoundError:
         return default
     except (OSError, ValueError) as err:
-        raise _error(f"tuning log {path} is unreadable or corrupt ({err})") from None
+        raise TuningError(f"tuning log {path} is unreadable or corrupt ({err})") from None
 
 
 def write_json(path: Path, data) -> None:
@@ -302,7 +293,7 @@ def read_defaults(work: Path) -> dict[str, dict]:
     data = read_json(Path(work) / DEFAULTS_FILE, {})
     workloads = data.get("workloads", {}) if isinstance(data, dict) else None
     if not isinstance(workloads, dict):
-        raise _error(f"tuning log {Path(work) / DEFAULTS_FILE} is corrupt (expected {{'workloads': {{...}}}})")
+        raise TuningError(f"tuning log {Path(work) / DEFAULTS_FILE} is corrupt (expected {{'workloads': {{...}}}})")
     return workloads
 
 
@@ -310,7 +301,7 @@ def read_models(work: Path) -> dict[str, dict]:
     data = read_json(Path(work) / MODELS_FILE, {})
     models = data.get("models", {}) if isinstance(data, dict) else None
     if not isinstance(models, dict):
-        raise _error(f"tuning log {Path(work) / MODELS_FILE} is corrupt (expected {{'models': {{...}}}})")
+        raise TuningError(f"tuning log {Path(work) / MODELS_FILE} is corrupt (expected {{'models': {{...}}}})")
     return models
 
 
@@ -336,10 +327,10 @@ def open_logs(log_dir, target: TargetDescription, *, create: bool) -> TuningLogs
     work = target_dir(root, target)
     if not create:
         if not root.is_dir():
-            raise _error(f"tuning log directory not found: {root}")
+            raise TuningError(f"tuning log directory not found: {root}")
         if not (work / WORKLOAD_FILE).exists():
             found = sorted(p.name for p in root.iterdir() if (p / TARGET_FILE).exists())
-            raise _error(
+            raise TuningError(
                 f"{root} has no tuning records for target {target.name!r} (fingerprint "
                 f"{target.fingerprint()}); it holds logs for: {', '.join(found) or 'no target'}"
             )
@@ -358,7 +349,7 @@ def open_logs(log_dir, target: TargetDescription, *, create: bool) -> TuningLogs
         )
     except Exception as err:  # TVM raises its own error types for malformed content
         first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise _error(f"cannot read the tuning database in {work} ({WORKLOAD_FILE} / {RECORD_FILE}): {first}") from err
+        raise TuningError(f"cannot read the tuning database in {work} ({WORKLOAD_FILE} / {RECORD_FILE}): {first}") from err
     return TuningLogs(work, db, repairs)
 
 
@@ -382,7 +373,7 @@ def set_aside(log_dir, target: TargetDescription) -> Path | None:
 
 def set_aside_stale(log_dir, target: TargetDescription) -> tuple[Path, str] | None:
     """Before tuning: move ``target``'s database out of the way if it was measured under another
-    protocol than this Kiln's (:data:`schedules.search.MEASUREMENT`), so new timings never compete with
+    protocol than this Kiln's (:data:`compiler.tuning.measurement.MEASUREMENT`), so new timings never compete with
     old ones. Returns (where it went, its protocol), or None when nothing was moved."""
     work = target_dir(log_dir, target)
     if not (work / TARGET_FILE).exists():
@@ -393,10 +384,7 @@ def set_aside_stale(log_dir, target: TargetDescription) -> tuple[Path, str] | No
     return set_aside(log_dir, target), old
 
 
-# -- list, merge, export, import ------------------------------------------------------------------
-MANIFEST_FILE = "kiln_logs.json"
-
-
+# -- list, merge ----------------------------------------------------------------------------------
 def target_dirs(path) -> list[Path]:
     """The per-target databases in ``path``: ``path`` itself when it is one, else its sub-folders
     that are (each holds a ``target.json``)."""
@@ -404,7 +392,7 @@ def target_dirs(path) -> list[Path]:
     if (p / TARGET_FILE).exists():
         return [p]
     if not p.is_dir():
-        raise _error(f"tuning log directory not found: {p}")
+        raise TuningError(f"tuning log directory not found: {p}")
     return sorted(c for c in p.iterdir() if c.is_dir() and (c / TARGET_FILE).exists())
 
 
@@ -418,9 +406,9 @@ def read_target_file(work: Path) -> dict:
         if not (isinstance(fingerprint, str) and isinstance(name, str)):
             raise TypeError("fingerprint and target name must be strings")
     except (KeyError, TypeError) as err:
-        raise _error(f"tuning log {path} is unreadable or corrupt ({err})") from None
+        raise TuningError(f"tuning log {path} is unreadable or corrupt ({err})") from None
     if Path(work).name != fingerprint:
-        raise _error(f"tuning log {path} describes fingerprint {fingerprint}, but its folder is named "
+        raise TuningError(f"tuning log {path} describes fingerprint {fingerprint}, but its folder is named "
                      f"{Path(work).name}: folders are named after their target's fingerprint")
     return data
 
@@ -497,7 +485,7 @@ class MergeResult:
                 f"{self.records_added} new records, {self.duplicates} duplicate records skipped")
 
 
-def _valid_lines(work: Path, strict: bool) -> tuple[list[bytes], list[bytes]]:
+def valid_lines(work: Path, strict: bool) -> tuple[list[bytes], list[bytes]]:
     """The workload and record lines of ``work``'s database without modifying it: a torn last line
     is left out (an error when ``strict``), as are records of a missing workload."""
     out = []
@@ -505,13 +493,13 @@ def _valid_lines(work: Path, strict: bool) -> tuple[list[bytes], list[bytes]]:
         path = work / name
         lines, torn = _scan(path, check) if path.exists() else ([], False)
         if torn and strict:
-            raise _error(f"tuning log {path} is corrupt: its last line is cut short")
+            raise TuningError(f"tuning log {path} is corrupt: its last line is cut short")
         out.append(lines)
     workloads, records = out
     return workloads, [r for r in records if json.loads(r)[0] < len(workloads)]
 
 
-def _check_loads(work: Path) -> None:
+def check_loads(work: Path) -> None:
     """Open ``work``'s database with MetaSchedule: a TuningError naming it if TVM cannot read it."""
     from tvm.s_tir import meta_schedule as ms
 
@@ -520,7 +508,7 @@ def _check_loads(work: Path) -> None:
                                  allow_missing=True)
     except Exception as err:
         first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise _error(f"cannot read the tuning database in {work}: {first}") from err
+        raise TuningError(f"cannot read the tuning database in {work}: {first}") from err
 
 
 def _describe(work: Path, meta: dict) -> str:
@@ -542,7 +530,7 @@ def _best_records(records: list[bytes]) -> list[bytes]:
 def _check_same_measurement(a: Path, a_meta: dict, b: Path, b_meta: dict) -> None:
     """Records timed under different protocols do not compare (the best of a mix is meaningless)."""
     if measurement(a_meta) != measurement(b_meta):
-        raise _error(
+        raise TuningError(
             f"cannot merge tuning logs measured differently: {a} ({measurement(a_meta)!r} timings) and {b} "
             f"({measurement(b_meta)!r}); their latencies do not compare. Keep the logs of one protocol (this "
             f"Kiln measures {current_measurement()!r}; re-tune to replace older logs)"
@@ -565,8 +553,6 @@ def merge(sources, log_dir, *, target: TargetDescription | None = None, strict: 
     ``best_only``: keep only the fastest measured record of each workload (the one compile applies),
     e.g. to ship logs with a model or with Kiln (``tuning_logs/``): a fraction of the size, and as fast
     to compile with; resumed tuning then starts from those records."""
-    import tempfile
-
     srcs: list[tuple[Path, dict]] = []
     for src in sources:
         found = target_dirs(src)
@@ -574,12 +560,12 @@ def merge(sources, log_dir, *, target: TargetDescription | None = None, strict: 
             found = [w for w in found if w.name == target.fingerprint()]
         if not found:
             what = f"for target {target.name!r} (fingerprint {target.fingerprint()})" if target else ""
-            raise _error(f"{src} holds no tuning logs {what}".rstrip())
+            raise TuningError(f"{src} holds no tuning logs {what}".rstrip())
         srcs += [(w, read_target_file(w)) for w in found]
     first_work, first_meta = srcs[0]
     for work, meta in srcs[1:]:
         if meta["fingerprint"] != first_meta["fingerprint"]:
-            raise _error(
+            raise TuningError(
                 f"cannot merge tuning logs of different targets: {_describe(first_work, first_meta)}, "
                 f"{_describe(work, meta)}; records of different targets never share a database: merge "
                 "each target on its own (--target NAME)"
@@ -595,13 +581,13 @@ def merge(sources, log_dir, *, target: TargetDescription | None = None, strict: 
     if (dst / TARGET_FILE).exists():
         dmeta = read_target_file(dst)
         if dmeta["fingerprint"] != fingerprint:
-            raise _error(f"cannot merge tuning logs of different targets: {_describe(first_work, first_meta)}, "
+            raise TuningError(f"cannot merge tuning logs of different targets: {_describe(first_work, first_meta)}, "
                          f"the destination {_describe(dst, dmeta)}")
         _check_same_measurement(first_work, first_meta, dst, dmeta)
         repair(dst)
     else:
         dmeta = first_meta
-    workloads, records = _valid_lines(dst, strict=False) if dst.exists() else ([], [])
+    workloads, records = valid_lines(dst, strict=False) if dst.exists() else ([], [])
     index = {json.loads(w)[0]: i for i, w in enumerate(workloads)}
     seen = {(json.loads(workloads[json.loads(r)[0]])[0], trace_key(json.loads(r)[1][0])) for r in records}
     defaults = read_defaults(dst) if dst.exists() else {}
@@ -610,7 +596,7 @@ def merge(sources, log_dir, *, target: TargetDescription | None = None, strict: 
     for work, _meta in srcs:
         if work.resolve() == dst.resolve():
             continue
-        s_workloads, s_records = _valid_lines(work, strict=strict)
+        s_workloads, s_records = valid_lines(work, strict=strict)
         s_hashes = [json.loads(w)[0] for w in s_workloads]
         for h, line in zip(s_hashes, s_workloads):
             if h not in index:
@@ -640,92 +626,10 @@ def merge(sources, log_dir, *, target: TargetDescription | None = None, strict: 
         write_json(stage / DEFAULTS_FILE, {"format": 1, "workloads": defaults})
         write_json(stage / MODELS_FILE, {"format": 1, "models": models})
         write_json(stage / TARGET_FILE, dmeta)
-        _check_loads(stage)
+        check_loads(stage)
         dst.mkdir(parents=True, exist_ok=True)
         for name in (WORKLOAD_FILE, RECORD_FILE, DEFAULTS_FILE, MODELS_FILE, TARGET_FILE):
             os.replace(stage / name, dst / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return MergeResult(dst, dmeta["target"]["name"], len(workloads) - n_w, len(records) - n_r, dup)
-
-
-def export_logs(log_dir, target: TargetDescription, out) -> Path:
-    """Write ``target``'s database under ``log_dir`` to the ``.tar.gz`` archive ``out`` (the cost
-    model and search logs stay behind). The archive is written beside ``out`` and renamed into place."""
-    import tarfile
-
-    from compiler import __version__
-
-    opened = open_logs(log_dir, target, create=False)  # checks the target, repairs torn lines
-    work = opened.work
-    summary = summarize(work)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    manifest = {"format": 1, "kiln_version": __version__, "fingerprint": summary.fingerprint,
-                "target": summary.target, "workloads": summary.workloads, "records": summary.records}
-    try:
-        with tarfile.open(tmp, "w:gz") as tar:
-            data = json.dumps(manifest, indent=1).encode()
-            info = tarfile.TarInfo(MANIFEST_FILE)
-            info.size, info.mtime = len(data), int(time.time())
-            import io
-
-            tar.addfile(info, io.BytesIO(data))
-            for name in DATA_FILES:
-                if (work / name).exists():
-                    tar.add(work / name, arcname=f"{summary.fingerprint}/{name}", recursive=False)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
-
-
-def import_logs(archive, log_dir) -> MergeResult:
-    """Merge a ``kiln logs export`` archive into ``log_dir``. Atomic: the archive is unpacked into a
-    temporary folder and checked (names, manifest, target, every line of the database, and that
-    MetaSchedule can load it) before anything under ``log_dir`` changes; a damaged or foreign archive
-    is a :class:`TuningError` and leaves ``log_dir`` as it was."""
-    import tarfile
-    import tempfile
-    import zlib
-
-    archive = Path(archive)
-    if not archive.is_file():
-        raise _error(f"tuning-log archive not found: {archive}")
-    bad = f"{archive} is not a tuning-log archive written by `kiln logs export`, or it is damaged"
-    with tempfile.TemporaryDirectory(prefix="kiln-import-") as tmp:
-        tmp_path = Path(tmp)
-        try:
-            with tarfile.open(archive, "r:gz") as tar:
-                for m in tar.getmembers():
-                    parts = Path(m.name).parts
-                    ok_name = (len(parts) == 1 and parts[0] == MANIFEST_FILE) or (
-                        len(parts) == 2 and parts[1] in DATA_FILES and parts[0].isalnum())
-                    if m.isdir() and len(parts) == 1 and parts[0].isalnum():
-                        continue
-                    if not (m.isfile() and ok_name and not m.name.startswith("/")):
-                        raise _error(f"{bad} (unexpected entry {m.name!r})")
-                    dest = tmp_path.joinpath(*parts)
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    dest.write_bytes(tar.extractfile(m).read())
-        except (tarfile.TarError, EOFError, zlib.error, OSError, UnicodeError) as err:
-            raise _error(f"{bad} ({err})") from None
-        manifest = read_json(tmp_path / MANIFEST_FILE, None)
-        if not isinstance(manifest, dict) or "fingerprint" not in manifest:
-            raise _error(f"{bad} (no {MANIFEST_FILE})")
-        work = tmp_path / str(manifest["fingerprint"])
-        if not (work / TARGET_FILE).exists() or not (work / WORKLOAD_FILE).exists():
-            raise _error(f"{bad} (no database for fingerprint {manifest['fingerprint']})")
-        try:
-            read_target_file(work)
-            summary = summarize(work)
-            _valid_lines(work, strict=True)
-        except Exception as err:
-            raise _error(f"{bad} ({err})") from None
-        if (summary.workloads, summary.records) != (manifest.get("workloads"), manifest.get("records")):
-            raise _error(f"{bad} (the manifest lists {manifest.get('workloads')} workloads and "
-                         f"{manifest.get('records')} records; the archive holds {summary.workloads} and "
-                         f"{summary.records})")
-        _check_loads(work)
-        return merge([work], log_dir, strict=True)

@@ -1,6 +1,6 @@
 """Schedule search: MetaSchedule tasks, builder, runner and one tuning batch, as Kiln uses them.
 
-``compiler.tuning`` drives the search in batches (its task scheduler picks each batch's task); this
+``compiler.tuning.run`` drives the search in batches (its task scheduler picks each batch's task); this
 module holds the MetaSchedule-specific parts:
 
 * :func:`extract_tasks` — one :class:`Task` per fused TIR kernel of the module that
@@ -14,21 +14,41 @@ module holds the MetaSchedule-specific parts:
 * :func:`default_schedule` and :meth:`Searcher.measure_defaults` — Kiln's default schedule of a
   task as a MetaSchedule trace, measured by the same runner as the candidates, so that it can be
   stored as a record of the task: the best record is then never slower than the default.
+
+How candidates are timed (the evaluator, the argument filling, the protocol's name) is
+:mod:`compiler.tuning.measurement`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
+import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass
 
 import tvm
 import tvm_ffi
+from tvm import relax, s_tir
+from tvm.driver import build as tvm_build
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+from tvm.support import cc
+from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+from tvm.support.tar import tar
+
+import schedules
+from schedules import cuda as cuda_rules
+from schedules import x86 as x86_rules
+
+from ..cuda import enable_device_codegen
+from .database import record_trace_key
+from .measurement import alloc_argument, evaluator_config, run_evaluator
 
 log = logging.getLogger(__name__)
 
@@ -38,89 +58,6 @@ BUILD_TIMEOUT_S = 60.0
 RUN_TIMEOUT_S = 60.0
 #: A builder worker is replaced after this many builds (TVM's pool workers leak memory).
 BUILDER_WORKER_USES = 64
-
-#: How candidates (and Kiln's default schedules) are timed; stored with the logs (``target.json``), and
-#: logs measured under another protocol are never mixed with these (``schedules.database``).
-#:
-#: ``cold-weights-1``: on CPUs each timed call runs once after flushing every argument but the first
-#: (the input activation) from the caches: MetaSchedule's ``enable_cpu_cache_flush``. In a model the
-#: weights of a kernel were last touched one inference ago and come from DRAM/L3, so a hot-cache
-#: timing (MetaSchedule's default; logs that record no protocol were timed so: ``hot``) made
-#: ResNet-18's 7x7x512 convolutions look 1.6x faster than they run in the model (0.77 vs 1.25 ms)
-#: and steered the search to schedules that only win with hot caches. Flushed timings match the in-model profile
-#: (``CompiledModule.profile``) within a few percent, kernel for kernel.
-MEASUREMENT = "cold-weights-1"
-#: Timed calls per candidate under :data:`MEASUREMENT` (each one call, caches flushed before it).
-MEASURE_REPEAT = 10
-#: A timed call slower than this many times the median of its candidate's calls is dropped as an
-#: outlier (a page fault, a thread pool waking, the machine's other work): MetaSchedule ranks records by
-#: the mean of their times, which one 2x outlier in ten moves by 10 %.
-OUTLIER_FACTOR = 1.25
-
-
-def robust_times(costs: list[float]) -> list[float]:
-    """``costs`` without the outliers (see :data:`OUTLIER_FACTOR`); never empty when ``costs`` is not."""
-    if len(costs) < 3:
-        return list(costs)
-    ordered = sorted(costs)
-    median = ordered[len(ordered) // 2]
-    return [c for c in costs if c <= OUTLIER_FACTOR * median]
-
-
-def run_evaluator(rt_mod, device, evaluator_config, repeated_args) -> list[float]:
-    """MetaSchedule's evaluator (``runner.utils.run_evaluator_common``), outliers dropped
-    (:func:`robust_times`): the runners' ``f_run_evaluator``, for candidates and defaults alike."""
-    from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
-
-    return robust_times(run_evaluator_common(rt_mod, device, evaluator_config, repeated_args))
-
-
-def rpc_run_evaluator(session, rt_mod, device, evaluator_config, repeated_args) -> list[float]:
-    """:func:`run_evaluator` with the RPC runner's signature (a session first)."""
-    return run_evaluator(rt_mod, device, evaluator_config, repeated_args)
-
-
-def _fill_for_measure(random_fill):
-    """MetaSchedule's random fill for float tensors; integer tensors are zeros, since they are
-    indices (BERT's embedding gather, ``take``): random ones point out of range and every candidate
-    of such a kernel, its default included, failed to run (the scheduler kept spending batches on
-    it). Zeros gather one row again and again, so such a kernel is timed with warm caches."""
-    import numpy as np
-
-    def fill(arg):
-        if str(arg.dtype).startswith(("int", "uint", "bool")):
-            arg.copyfrom(np.zeros([int(d) for d in arg.shape], dtype=str(arg.dtype)))
-        else:
-            random_fill(arg)
-
-    return fill
-
-
-def alloc_argument(device, args_info, alloc_repeat):
-    """The local runner's ``f_alloc_argument``: arguments filled by :func:`_fill_for_measure`."""
-    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
-    from tvm.s_tir.meta_schedule.utils import get_global_func_with_default_on_worker
-
-    random_fill = get_global_func_with_default_on_worker("tvm.contrib.random.random_fill_for_measure", None)
-    return alloc_argument_common(_fill_for_measure(random_fill), device, args_info, alloc_repeat)
-
-
-def rpc_alloc_argument(session, device, args_info, alloc_repeat):
-    """:func:`alloc_argument` with the RPC runner's signature (a session first)."""
-    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
-
-    random_fill = session.get_function("tvm.contrib.random.random_fill_for_measure")
-    return alloc_argument_common(_fill_for_measure(random_fill), device, args_info, alloc_repeat)
-
-
-def evaluator_config(target) -> "ms.runner.EvaluatorConfig":
-    """The runner's timing settings for ``target`` (see :data:`MEASUREMENT`); GPUs keep
-    MetaSchedule's defaults (the flush is a CPU cache instruction)."""
-    if str(target.kind.name) in ("llvm", "c"):
-        return ms.runner.EvaluatorConfig(number=1, repeat=MEASURE_REPEAT, min_repeat_ms=0,
-                                         enable_cpu_cache_flush=True)
-    return ms.runner.EvaluatorConfig()
-
 
 #: Evolutionary search population per batch: 32 candidates per trial (Ansor's ratio: 2048 for 64
 #: measurements), at least 64, at most MetaSchedule's 512 (its default, sized for batches of 64). Every
@@ -155,8 +92,6 @@ FIXED_SCHEDULE_BLOCKS = ("winograd_tile", "winograd_input", "winograd_output")
 def searchable(task: Task) -> bool:
     """False for a task whose kernel keeps Kiln's default schedule (:data:`FIXED_SCHEDULE_BLOCKS`);
     its default is still measured and recorded, so compile applies it like any record."""
-    from tvm import s_tir
-
     sch = s_tir.Schedule(task.mod)
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
     return not any(n.startswith(FIXED_SCHEDULE_BLOCKS) for n in names)
@@ -175,8 +110,6 @@ def extract_tasks(fused: tvm.IRModule, target) -> list[Task]:
     ``MetaScheduleApplyDatabase`` applies when it looks a kernel up, so every record found by
     tuning answers compile's query for that kernel.
     """
-    from tvm import relax
-
     calls: dict[str, int] = {}
 
     def count(expr):
@@ -206,8 +139,6 @@ def extract_tasks(fused: tvm.IRModule, target) -> list[Task]:
 def _import_tvm() -> None:
     """Build-worker initializer: pay TVM's import before the first timed build, and install Kiln's
     lowerings (``schedules.install_hooks``) so candidates are built as ``compile`` builds them."""
-    import schedules
-
     schedules.install_hooks()
 
 
@@ -222,17 +153,7 @@ def _build_worker(mod, target, params, link=None):
     ``link``: None exports a tar of objects (the local runner links it); a compiler name links a
     shared library here instead, what an RPC device loads as is (boards have no compiler): ``""``
     the host's, ``"aarch64-linux-gnu-g++"`` a cross compiler (``TargetDescription.cross_compiler``)."""
-    import os
-    import tempfile
-
-    from tvm.driver import build as tvm_build
-    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-    from tvm.support import cc
-    from tvm.support.tar import tar
-
     if target.kind.name == "cuda":  # keep nvcc-compiled device code (compiler/cuda.py)
-        from compiler.cuda import enable_device_codegen
-
         enable_device_codegen(str(target.attrs.get("arch", "cuda")))
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
     with target:  # nvcc reads the architecture from the current target
@@ -257,8 +178,6 @@ class PersistentBuilder(ms.builder.PyBuilder):
         self._warming = []  # futures of the workers warm_up started
 
     def _get_pool(self):
-        from tvm.support.popen_pool import PopenPoolExecutor
-
         if self._pool is None:
             self._pool = PopenPoolExecutor(max_workers=self.max_workers, timeout=self.timeout_sec,
                                            initializer=_import_tvm,
@@ -283,8 +202,6 @@ class PersistentBuilder(ms.builder.PyBuilder):
         self._warming = []
 
     def build(self, build_inputs):
-        from tvm.support.popen_pool import StatusKind
-
         pool = self._get_pool()
         results = []
         for res in pool.map_with_error_catching(
@@ -310,12 +227,10 @@ def default_schedule(task: Task, desc):
     ``s_tir.Schedule`` whose trace replays it on the task's module (None when no default rule
     applies or the family has no default rules here). This is what ``schedules.default_schedule_pass``
     does to the kernel, rule for rule."""
-    from tvm import s_tir
-
     if desc.family in ("x86", "arm"):
-        from schedules import x86 as family
+        family = x86_rules
     elif desc.family == "cuda":  # DLight's GPU rules and Kiln's (schedules/cuda)
-        from schedules import cuda as family
+        family = cuda_rules
     else:
         return None
 
@@ -332,17 +247,15 @@ def default_schedule(task: Task, desc):
 
 
 def default_trace_key(task: Task, desc) -> str | None:
-    """``schedules.database.trace_key`` of the record :meth:`Searcher.measure_defaults` would store for
+    """``compiler.tuning.database.trace_key`` of the record :meth:`Searcher.measure_defaults` would store for
     ``task`` now (None: no default rule applies), computed without building anything: when Kiln's
     default schedule for a kernel changes, the tuner sees a new key and measures the new default."""
-    from schedules import database
-
     sch = default_schedule(task, desc)
     if sch is None:
         return None
     record = ms.database.TuningRecord(sch.trace, ms.database.Workload(task.mod), [1.0], desc.to_tvm(),
                                       ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True))
-    return database.record_trace_key(record)
+    return record_trace_key(record)
 
 
 def _device_type(target) -> str:
@@ -357,10 +270,8 @@ def space_generator(target):
     register tile as tunable decisions)."""
     if str(target.kind.name) != "llvm":
         return "post-order-apply"
-    from schedules import x86
-
     return ms.space_generator.SpaceGeneratorUnion(
-        [ms.space_generator.PostOrderApply(), ms.space_generator.ScheduleFn(x86.design_space(target))])
+        [ms.space_generator.PostOrderApply(), ms.space_generator.ScheduleFn(x86_rules.design_space(target))])
 
 
 @dataclass
@@ -389,9 +300,6 @@ def _plain(obj):
 def candidate_key(trace) -> str:
     """Identity of a schedule candidate: a hash of its trace (instructions and decisions), the same
     for a candidate just sampled and for one read back from the database."""
-    import hashlib
-    import json
-
     text = json.dumps(_plain(trace.as_json(remove_postproc=False)), separators=(",", ":"))
     return hashlib.sha1(text.encode()).hexdigest()
 
@@ -454,7 +362,7 @@ class Searcher:
 
     ``builder``/``runner``: MetaSchedule builder and runner to use instead of the defaults (a
     :class:`PersistentBuilder` and ``LocalRunner``); tuning through RPC passes a builder that links
-    ``.so`` files (``PersistentBuilder(link=...)``) and ``compiler.remote``'s ``RPCRunner``.
+    ``.so`` files (``PersistentBuilder(link=...)``) and an ``RPCRunner`` (``compiler.tuning.rpc``).
     """
 
     def __init__(self, target, num_threads: int, log_dir: str, cost_model: str | None = None,
@@ -478,8 +386,6 @@ class Searcher:
     def load_cost_model(self, path: str) -> bool:
         """Warm-start the cost model from ``path`` (its trees and the features and costs it learnt
         from); False, with a warning, when the file cannot be read (the run then starts cold)."""
-        import os
-
         if not os.path.exists(path):
             return False
         try:
@@ -494,8 +400,6 @@ class Searcher:
 
     def save_cost_model(self, path: str) -> bool:
         """Save the cost model to ``path`` atomically (False when it has not been trained yet)."""
-        import os
-
         if getattr(self.cost_model, "booster", None) is None:
             return False
         tmp = f"{path}.tmp.tar"
