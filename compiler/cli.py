@@ -110,12 +110,7 @@ def _add_precision_args(parser: argparse.ArgumentParser, what: str) -> None:
 
 def _calibration(args) -> dict | None:
     """The calibration inputs ``--calibration`` names (one array per input name), or None."""
-    if not args.calibration:
-        return None
-    import numpy as np
-
-    with np.load(args.calibration) as data:
-        return {k: data[k] for k in data.files}
+    return _read_npz(args.calibration, "calibration file") if args.calibration else None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -224,12 +219,12 @@ def _cmd_compile(args) -> int:
 
     desc = targets.get(args.target)  # an unknown target fails before any work
     _check_output(args.output, model=args.model, directory=desc.family == "mcu")
-    calibration = _read_npz(args.calibration, "calibration file") if args.calibration else None
+    calibration = _calibration(args)  # an unreadable file fails before any work
     print(f"compiling {args.model} for target {args.target} -> {args.output}", flush=True)
     t0 = time.perf_counter()
     mod = compiler.compile(args.model, target=args.target, input_shapes=dict(args.input_shape) or None,
                            tuning_logs=False if args.untuned else args.tuning_logs, precision=args.precision,
-                           calibration=_calibration(args))
+                           calibration=calibration)
     path = mod.export(args.output)
     if path.is_dir():  # a microcontroller C library (compiler/mcu)
         files = ", ".join(sorted(p.name for p in path.iterdir()))
