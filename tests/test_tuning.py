@@ -470,9 +470,59 @@ def test_cost_model_is_saved_and_warm_starts(tuned_logs):
     s.cost_model = ms.cost_model.XGBModel(num_tuning_cores=1, tree_method="auto")
     assert s.load_cost_model(str(path)) is True
     assert s.cost_model.booster is not None and s.cost_model.data_size >= TRIALS
-    bad = path.with_name("broken.tar")
-    bad.write_bytes(b"not a tar")
+    bad = path.with_name("broken.npz")
+    bad.write_bytes(b"not an npz")
     assert s.load_cost_model(str(bad)) is False  # a damaged model: a warning and a cold start
+    # the round trip keeps what the model learnt
+    assert s.load_cost_model(str(path)) is True
+    again = path.with_name("again.npz")
+    assert s.save_cost_model(str(again)) is True
+    before = (s.cost_model.data_size, list(s.cost_model.data))
+    assert s.load_cost_model(str(again)) is True
+    assert (s.cost_model.data_size, list(s.cost_model.data)) == before
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_cost_model_in_a_log_dir_is_never_unpickled(tuned_logs, tmp_path, caplog):
+    """MetaSchedule's cost_model.tar holds a NumPy object array read with allow_pickle=True: a crafted
+    one in a shared log directory ran code in `kiln tune`. Kiln neither reads it nor accepts a pickle
+    under its own file name."""
+    import io
+    import pickle
+    import tarfile
+
+    import numpy as np
+
+    from compiler.tuning import cost_model, database, search
+
+    marker = tmp_path / "ran"
+    work = tmp_path / "work"
+    work.mkdir()
+    buf = io.BytesIO()
+    np.save(buf, np.array([_Payload(marker)], dtype=object), allow_pickle=True)
+    with tarfile.open(work / cost_model.PICKLED_FILE, "w") as tar:
+        info = tarfile.TarInfo("data.npy")
+        info.size = len(buf.getvalue())
+        tar.addfile(info, io.BytesIO(buf.getvalue()))
+    (work / database.COST_MODEL_FILE).write_bytes(pickle.dumps(_Payload(marker)))
+    s = search.Searcher.__new__(search.Searcher)
+    s.num_threads = 1
+    from tvm.s_tir import meta_schedule as ms
+
+    s.cost_model = ms.cost_model.XGBModel(num_tuning_cores=1, tree_method="auto")
+    with caplog.at_level("WARNING"):
+        assert s.load_cost_model(str(work / database.COST_MODEL_FILE)) is False
+    assert not marker.exists()
+    assert any("pickle" in r.getMessage() for r in caplog.records)
 
 
 # ---------------------------------------------------------------- kiln logs list|merge|export|import

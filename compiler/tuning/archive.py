@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 import tempfile
 import time
@@ -55,6 +56,25 @@ def export_logs(log_dir, target: TargetDescription, out) -> Path:
     return out
 
 
+#: An archive may unpack to at most this many bytes, or ``MAX_RATIO`` times its own size if more
+#: (tuning logs compress about 10:1); a bomb is refused from its declared sizes, before unpacking.
+MAX_UNPACKED_BYTES = 256 * 2**20
+MAX_RATIO = 40
+#: What a target fingerprint looks like (``TargetDescription.fingerprint``): hex digits.
+_FINGERPRINT = re.compile(r"[0-9a-f]{6,64}")
+
+
+def _copy_limited(src, dest: Path, size: int, bad: str) -> None:
+    """Stream one entry to ``dest``, never writing more than it declared."""
+    written = 0
+    with open(dest, "wb") as out:
+        while chunk := src.read(1 << 20):
+            written += len(chunk)
+            if written > size:
+                raise TuningError(f"{bad} (entry {dest.name} is larger than it declares)")
+            out.write(chunk)
+
+
 def import_logs(archive, log_dir) -> MergeResult:
     """Merge a ``kiln logs export`` archive into ``log_dir``. Atomic: the archive is unpacked into a
     temporary folder and checked (names, manifest, target, every line of the database, and that
@@ -68,7 +88,12 @@ def import_logs(archive, log_dir) -> MergeResult:
         tmp_path = Path(tmp)
         try:
             with tarfile.open(archive, "r:gz") as tar:
-                for m in tar.getmembers():
+                members = tar.getmembers()
+                declared = sum(m.size for m in members)
+                if declared > max(MAX_UNPACKED_BYTES, MAX_RATIO * archive.stat().st_size):
+                    raise TuningError(f"{bad} (its entries declare {declared / 1e6:.0f} MB for a "
+                                      f"{archive.stat().st_size / 1e6:.1f} MB archive; refused before unpacking)")
+                for m in members:
                     parts = Path(m.name).parts
                     ok_name = (len(parts) == 1 and parts[0] == MANIFEST_FILE) or (
                         len(parts) == 2 and parts[1] in DATA_FILES and parts[0].isalnum())
@@ -78,12 +103,15 @@ def import_logs(archive, log_dir) -> MergeResult:
                         raise TuningError(f"{bad} (unexpected entry {m.name!r})")
                     dest = tmp_path.joinpath(*parts)
                     dest.parent.mkdir(parents=True, exist_ok=True)
-                    dest.write_bytes(tar.extractfile(m).read())
+                    _copy_limited(tar.extractfile(m), dest, m.size, bad)
         except (tarfile.TarError, EOFError, zlib.error, OSError, UnicodeError) as err:
             raise TuningError(f"{bad} ({err})") from None
         manifest = read_json(tmp_path / MANIFEST_FILE, None)
         if not isinstance(manifest, dict) or "fingerprint" not in manifest:
             raise TuningError(f"{bad} (no {MANIFEST_FILE})")
+        if not (isinstance(manifest["fingerprint"], str) and _FINGERPRINT.fullmatch(manifest["fingerprint"])):
+            raise TuningError(f"{bad} (its manifest's fingerprint {str(manifest['fingerprint'])[:40]!r} is not a "
+                              "target fingerprint)")
         work = tmp_path / str(manifest["fingerprint"])
         if not (work / TARGET_FILE).exists() or not (work / WORKLOAD_FILE).exists():
             raise TuningError(f"{bad} (no database for fingerprint {manifest['fingerprint']})")

@@ -11,7 +11,7 @@ Layout of a tuning-log directory::
                                      the runner that measures candidates, and its trace's key
         models.json                  per model tuned here: its tasks (workload hash, weight), for
                                      estimates after merges (`kiln logs list`)
-        cost_model.tar               MetaSchedule's XGBoost cost model after the last run (warm start)
+        cost_model.npz               the XGBoost cost model after the last run (warm start; no pickle)
         logs/                        MetaSchedule's per-task search logs (text, for debugging)
 
 Kiln's default schedule of every tuned kernel is itself a record in the database (its DLight trace,
@@ -32,6 +32,7 @@ and line.
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import json
 import logging
 import os
@@ -57,7 +58,7 @@ RECORD_FILE = "database_tuning_record.json"
 TARGET_FILE = "target.json"
 DEFAULTS_FILE = "defaults.json"
 MODELS_FILE = "models.json"
-COST_MODEL_FILE = "cost_model.tar"
+COST_MODEL_FILE = "cost_model.npz"  # compiler.tuning.cost_model: no pickle
 #: Files that make up one target's logs (what merge, export and import carry; not the cost model,
 #: which is a pickle: never load one from an archive).
 DATA_FILES = (TARGET_FILE, WORKLOAD_FILE, RECORD_FILE, DEFAULTS_FILE, MODELS_FILE)
@@ -313,6 +314,37 @@ def record_model(work: Path, model: str, tasks: list[tuple[str, str, float]]) ->
     write_json(Path(work) / MODELS_FILE, {"format": 1, "models": models})
 
 
+def lock_path(work: Path) -> Path:
+    """The writer-lock file of the per-target database ``work``: beside it (``.<fingerprint>.lock``), so it
+    stays put when the folder is set aside."""
+    return work.parent / f".{work.name}.lock"
+
+
+@contextlib.contextmanager
+def writer_lock(work: Path, what: str, *, wait: bool = True):
+    """Hold the writer lock of the per-target database ``work`` (a ``filelock`` lock file, so it holds
+    across processes and is released when a process dies) for the block; yields True. Every writer takes
+    it (tuning for its whole run, merge, import, torn-line repair). When another process holds it: wait,
+    with a warning naming the folder, or with ``wait=False`` yield False at once."""
+    from filelock import FileLock, Timeout
+
+    work.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path(work)), is_singleton=True)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if not wait:
+            yield False
+            return
+        log.warning("%s: another Kiln process is writing the tuning logs in %s; waiting for it to finish",
+                    what, work)
+        lock.acquire()
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
 def open_logs(log_dir, target: TargetDescription, *, create: bool) -> TuningLogs:
     """Open ``target``'s database under ``log_dir``.
 
@@ -340,7 +372,9 @@ def open_logs(log_dir, target: TargetDescription, *, create: bool) -> TuningLogs
         _check_target_file(work, target)
     elif create:
         _write_target_file(work, target)
-    repairs = repair(work)
+    with writer_lock(work, "repair", wait=create) as locked:
+        # A reader never repairs while a tuner writes: its last line may be half-written, not torn.
+        repairs = repair(work) if locked else []
     try:
         db = ms.database.JSONDatabase(
             path_workload=str(work / WORKLOAD_FILE),
@@ -465,8 +499,13 @@ def summarize(work: Path) -> LogSummary:
 
 
 def list_logs(log_dir) -> list[LogSummary]:
-    """One :class:`LogSummary` per target database under ``log_dir``."""
-    return [summarize(work) for work in target_dirs(log_dir)]
+    """One :class:`LogSummary` per target database under ``log_dir``, each checked to load with
+    MetaSchedule (a :class:`TuningError` naming the one that does not)."""
+    summaries = []
+    for work in target_dirs(log_dir):
+        summaries.append(summarize(work))
+        check_loads(work)
+    return summaries
 
 
 @dataclass(frozen=True)
@@ -553,83 +592,85 @@ def merge(sources, log_dir, *, target: TargetDescription | None = None, strict: 
     ``best_only``: keep only the fastest measured record of each workload (the one compile applies),
     e.g. to ship logs with a model or with Kiln (``tuning_logs/``): a fraction of the size, and as fast
     to compile with; resumed tuning then starts from those records."""
-    srcs: list[tuple[Path, dict]] = []
-    for src in sources:
-        found = target_dirs(src)
-        if target is not None:
-            found = [w for w in found if w.name == target.fingerprint()]
-        if not found:
-            what = f"for target {target.name!r} (fingerprint {target.fingerprint()})" if target else ""
-            raise TuningError(f"{src} holds no tuning logs {what}".rstrip())
-        srcs += [(w, read_target_file(w)) for w in found]
-    first_work, first_meta = srcs[0]
-    for work, meta in srcs[1:]:
-        if meta["fingerprint"] != first_meta["fingerprint"]:
-            raise TuningError(
-                f"cannot merge tuning logs of different targets: {_describe(first_work, first_meta)}, "
-                f"{_describe(work, meta)}; records of different targets never share a database: merge "
-                "each target on its own (--target NAME)"
-            )
-    for work, meta in srcs[1:]:
-        _check_same_measurement(first_work, first_meta, work, meta)
-    fingerprint = first_meta["fingerprint"]
-    root = Path(log_dir)
-    if (root / TARGET_FILE).exists():
-        dst = root
-    else:
-        dst = root / fingerprint
-    if (dst / TARGET_FILE).exists():
-        dmeta = read_target_file(dst)
-        if dmeta["fingerprint"] != fingerprint:
-            raise TuningError(f"cannot merge tuning logs of different targets: {_describe(first_work, first_meta)}, "
-                         f"the destination {_describe(dst, dmeta)}")
-        _check_same_measurement(first_work, first_meta, dst, dmeta)
-        repair(dst)
-    else:
-        dmeta = first_meta
-    workloads, records = valid_lines(dst, strict=False) if dst.exists() else ([], [])
-    index = {json.loads(w)[0]: i for i, w in enumerate(workloads)}
-    seen = {(json.loads(workloads[json.loads(r)[0]])[0], trace_key(json.loads(r)[1][0])) for r in records}
-    defaults = read_defaults(dst) if dst.exists() else {}
-    models = read_models(dst) if dst.exists() else {}
-    n_w, n_r, dup = len(workloads), len(records), 0
-    for work, _meta in srcs:
-        if work.resolve() == dst.resolve():
-            continue
-        s_workloads, s_records = valid_lines(work, strict=strict)
-        s_hashes = [json.loads(w)[0] for w in s_workloads]
-        for h, line in zip(s_hashes, s_workloads):
-            if h not in index:
-                index[h] = len(workloads)
-                workloads.append(line)
-        for raw in s_records:
-            idx, rec = json.loads(raw)
-            key = (s_hashes[idx], trace_key(rec[0]))
-            if key in seen:
-                dup += 1
-                if not best_only:  # best-only keeps every timing of a trace: the fastest is what compile picks
-                    continue
-            seen.add(key)
-            records.append(b"[" + str(index[s_hashes[idx]]).encode() + raw[raw.index(b","):])
-        for h, entry in read_defaults(work).items():
-            defaults.setdefault(h, entry)
-        for name, entry in read_models(work).items():
-            if name not in models or str(entry.get("updated", "")) > str(models[name].get("updated", "")):
-                models[name] = entry
-    if best_only:
-        records = _best_records(records)
-    root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".merge-", dir=root))
-    try:
-        _atomic_write(stage / WORKLOAD_FILE, workloads)
-        _atomic_write(stage / RECORD_FILE, records)
-        write_json(stage / DEFAULTS_FILE, {"format": 1, "workloads": defaults})
-        write_json(stage / MODELS_FILE, {"format": 1, "models": models})
-        write_json(stage / TARGET_FILE, dmeta)
-        check_loads(stage)
-        dst.mkdir(parents=True, exist_ok=True)
-        for name in (WORKLOAD_FILE, RECORD_FILE, DEFAULTS_FILE, MODELS_FILE, TARGET_FILE):
-            os.replace(stage / name, dst / name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return MergeResult(dst, dmeta["target"]["name"], len(workloads) - n_w, len(records) - n_r, dup)
+    with contextlib.ExitStack() as held:  # the destination's writer lock, once it is known
+        srcs: list[tuple[Path, dict]] = []
+        for src in sources:
+            found = target_dirs(src)
+            if target is not None:
+                found = [w for w in found if w.name == target.fingerprint()]
+            if not found:
+                what = f"for target {target.name!r} (fingerprint {target.fingerprint()})" if target else ""
+                raise TuningError(f"{src} holds no tuning logs {what}".rstrip())
+            srcs += [(w, read_target_file(w)) for w in found]
+        first_work, first_meta = srcs[0]
+        for work, meta in srcs[1:]:
+            if meta["fingerprint"] != first_meta["fingerprint"]:
+                raise TuningError(
+                    f"cannot merge tuning logs of different targets: {_describe(first_work, first_meta)}, "
+                    f"{_describe(work, meta)}; records of different targets never share a database: merge "
+                    "each target on its own (--target NAME)"
+                )
+        for work, meta in srcs[1:]:
+            _check_same_measurement(first_work, first_meta, work, meta)
+        fingerprint = first_meta["fingerprint"]
+        root = Path(log_dir)
+        if (root / TARGET_FILE).exists():
+            dst = root
+        else:
+            dst = root / fingerprint
+        held.enter_context(writer_lock(dst, "kiln logs merge"))
+        if (dst / TARGET_FILE).exists():
+            dmeta = read_target_file(dst)
+            if dmeta["fingerprint"] != fingerprint:
+                raise TuningError(f"cannot merge tuning logs of different targets: {_describe(first_work, first_meta)}, "
+                             f"the destination {_describe(dst, dmeta)}")
+            _check_same_measurement(first_work, first_meta, dst, dmeta)
+            repair(dst)
+        else:
+            dmeta = first_meta
+        workloads, records = valid_lines(dst, strict=False) if dst.exists() else ([], [])
+        index = {json.loads(w)[0]: i for i, w in enumerate(workloads)}
+        seen = {(json.loads(workloads[json.loads(r)[0]])[0], trace_key(json.loads(r)[1][0])) for r in records}
+        defaults = read_defaults(dst) if dst.exists() else {}
+        models = read_models(dst) if dst.exists() else {}
+        n_w, n_r, dup = len(workloads), len(records), 0
+        for work, _meta in srcs:
+            if work.resolve() == dst.resolve():
+                continue
+            s_workloads, s_records = valid_lines(work, strict=strict)
+            s_hashes = [json.loads(w)[0] for w in s_workloads]
+            for h, line in zip(s_hashes, s_workloads):
+                if h not in index:
+                    index[h] = len(workloads)
+                    workloads.append(line)
+            for raw in s_records:
+                idx, rec = json.loads(raw)
+                key = (s_hashes[idx], trace_key(rec[0]))
+                if key in seen:
+                    dup += 1
+                    if not best_only:  # best-only keeps every timing of a trace: the fastest is what compile picks
+                        continue
+                seen.add(key)
+                records.append(b"[" + str(index[s_hashes[idx]]).encode() + raw[raw.index(b","):])
+            for h, entry in read_defaults(work).items():
+                defaults.setdefault(h, entry)
+            for name, entry in read_models(work).items():
+                if name not in models or str(entry.get("updated", "")) > str(models[name].get("updated", "")):
+                    models[name] = entry
+        if best_only:
+            records = _best_records(records)
+        root.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".merge-", dir=root))
+        try:
+            _atomic_write(stage / WORKLOAD_FILE, workloads)
+            _atomic_write(stage / RECORD_FILE, records)
+            write_json(stage / DEFAULTS_FILE, {"format": 1, "workloads": defaults})
+            write_json(stage / MODELS_FILE, {"format": 1, "models": models})
+            write_json(stage / TARGET_FILE, dmeta)
+            check_loads(stage)
+            dst.mkdir(parents=True, exist_ok=True)
+            for name in (WORKLOAD_FILE, RECORD_FILE, DEFAULTS_FILE, MODELS_FILE, TARGET_FILE):
+                os.replace(stage / name, dst / name)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return MergeResult(dst, dmeta["target"]["name"], len(workloads) - n_w, len(records) - n_r, dup)

@@ -30,7 +30,7 @@ import tvm_ffi
 import targets
 
 from .. import cuda, pipeline
-from ..errors import TargetError, TuningError
+from ..errors import PathError, TargetError, TuningError
 from ..module import use_all_cores
 from ..version import __version__
 from . import database, progress, rpc, scheduler, search
@@ -119,6 +119,8 @@ def check_tunable(desc, log_dir, rpc_tracker: str | None, rpc_key: str | None):
                           "must be measured on the device. The x86 targets tune here; ARM targets through an RPC "
                           "tracker with devices registered under a key (--rpc-tracker HOST:PORT --rpc-key KEY; "
                           "README, Remote devices)")
+    if Path(log_dir).exists() and not Path(log_dir).is_dir():
+        raise PathError(f"--log-dir {log_dir} is a file; give a folder for the tuning logs (created if missing)")
     return log_dir
 
 
@@ -464,18 +466,21 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
     budget = Budget.parse(trials, time_budget, early_stopping)
     name, tasks = lower_to_tasks(model, desc, example_inputs=example_inputs, input_shapes=input_shapes,
                                  precision=precision, calibration=calibration)
-    logs = open_logs(log_dir, desc, resume)
-    run = TuningRun(name, desc, tasks, logs, budget, rpc_tracker=rpc_tracker, rpc_key=rpc_key, t_start=t_start)
-    run.remember_model()
-    # Candidates are measured in worker processes: let them use every core, as compiled modules do
-    # (TVM's runtime would otherwise start one thread on this 2-core machine and tune for that).
-    use_all_cores()
-    with run:
-        run.measure_defaults()
-        run.plan()
-        with search_logs_to_file(logs.work):
-            run.search(progress)
-    report = run.report()
+    # One writer per target database: a second tuner on the same logs waits here, then resumes from
+    # what the first one wrote (its trial budget counts those records).
+    with database.writer_lock(database.target_dir(log_dir, desc), "kiln tune"):
+        logs = open_logs(log_dir, desc, resume)
+        run = TuningRun(name, desc, tasks, logs, budget, rpc_tracker=rpc_tracker, rpc_key=rpc_key, t_start=t_start)
+        run.remember_model()
+        # Candidates are measured in worker processes: let them use every core, as compiled modules do
+        # (TVM's runtime would otherwise start one thread on this 2-core machine and tune for that).
+        use_all_cores()
+        with run:
+            run.measure_defaults()
+            run.plan()
+            with search_logs_to_file(logs.work):
+                run.search(progress)
+        report = run.report()
     log.info("done: %d new trials (%d in the log) in %s, stopped by %s%s", report.new_trials, report.total_trials,
              fmt_hms(report.elapsed_s), run.stopped_by,
              f", est. {report.estimated_ms:.3f} ms" if report.estimated_ms is not None else "")

@@ -27,7 +27,6 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -47,6 +46,7 @@ from schedules import cuda as cuda_rules
 from schedules import x86 as x86_rules
 
 from ..cuda import enable_device_codegen
+from . import cost_model as model_file
 from .database import record_trace_key
 from .measurement import alloc_argument, evaluator_config, run_evaluator
 
@@ -385,13 +385,14 @@ class Searcher:
 
     def load_cost_model(self, path: str) -> bool:
         """Warm-start the cost model from ``path`` (its trees and the features and costs it learnt
-        from); False, with a warning, when the file cannot be read (the run then starts cold)."""
+        from; Kiln's pickle-free format, :mod:`compiler.tuning.cost_model`); False, with a warning,
+        when the file cannot be read (the run then starts cold). A pickled model beside it is never
+        opened."""
+        model_file.refuse_pickled(os.path.dirname(path))
         if not os.path.exists(path):
             return False
         try:
-            with warnings.catch_warnings():  # xgboost's note about the model file's format
-                warnings.simplefilter("ignore", UserWarning)
-                self.cost_model.load(path)
+            model_file.load(self.cost_model, path)
         except Exception as err:  # a stale or damaged model must not stop tuning
             log.warning("cannot warm-start the cost model from %s (%s); starting cold", path, err)
             self.cost_model = ms.cost_model.XGBModel(num_tuning_cores=self.num_threads, tree_method="auto")
@@ -400,21 +401,11 @@ class Searcher:
 
     def save_cost_model(self, path: str) -> bool:
         """Save the cost model to ``path`` atomically (False when it has not been trained yet)."""
-        if getattr(self.cost_model, "booster", None) is None:
-            return False
-        tmp = f"{path}.tmp.tar"
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                self.cost_model.save(tmp)
-            os.replace(tmp, path)
+            return model_file.save(self.cost_model, path)
         except Exception as err:  # pragma: no cover - the records are what matters
             log.warning("cannot save the cost model to %s: %s", path, err)
             return False
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return True
 
     def measure_defaults(self, tasks: list[Task], desc, database) -> list[DefaultMeasurement]:
         """Build each task's default schedule (:func:`default_schedule`) exactly as candidates are
