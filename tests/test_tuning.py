@@ -19,7 +19,7 @@ import pytest
 import targets
 from compiler import cli
 from compiler.errors import TuningError
-from conftest import assert_close, run_torch, zoo_model
+from conftest import REPO, assert_close, run_torch, zoo_model
 
 TRIALS = 3  # zoo:mlp has 3 kernels: one trial each
 KERNELS = 3
@@ -669,6 +669,82 @@ def test_logs_import_rejects_corrupt_archives_atomically(logs, tmp_path):
         archive.import_logs(tmp_path / "missing.tar.gz", dest)
 
 
+def test_logs_import_refuses_path_fingerprints_and_bombs(logs, tmp_path):
+    """The manifest's fingerprint was used as a path (``../../..`` merged a folder outside the archive),
+    and a 6.5 MB archive holding a 1.5 GB entry used 3 GB of memory before it was refused."""
+    import gzip
+    import io
+    import tarfile
+
+    from compiler.tuning import archive, database
+
+    fp = _host().fingerprint()
+    work = _work(logs)
+    outside = tmp_path / "outside"
+    shutil.copytree(work, outside / "victim")
+    data = {f"{fp}/{n}": (work / n).read_bytes() for n in database.DATA_FILES if (work / n).exists()}
+    manifest = {"fingerprint": "../outside/victim", "workloads": KERNELS, "records": RECORDS}
+    traversal = _tar(tmp_path / "fp.tar.gz", {"kiln_logs.json": json.dumps(manifest).encode(), **data})
+    dest = tmp_path / "dest"
+    with pytest.raises(TuningError, match="not a target fingerprint"):
+        archive.import_logs(traversal, dest)
+    assert not dest.exists()
+    bomb = tmp_path / "bomb.tar.gz"  # one 400 MB entry of zeros: about 400 KB compressed
+    with gzip.open(bomb, "wb", compresslevel=9) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
+        info = tarfile.TarInfo(f"{fp}/database_tuning_record.json")
+        info.size = 400 * 2**20
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    assert bomb.stat().st_size < 4 * 2**20
+    with pytest.raises(TuningError, match="declare"):
+        archive.import_logs(bomb, dest)
+    assert not dest.exists()
+
+
+def test_logs_list_checks_that_each_database_loads(logs, tmp_path, capsys):
+    from compiler.tuning import database
+
+    broken = tmp_path / "broken"
+    shutil.copytree(logs, broken)
+    rec = _work(broken) / database.RECORD_FILE
+    rec.write_bytes(rec.read_bytes().replace(b"[0,", b"[99,", 1))  # a record of a workload that is not there
+    with pytest.raises(TuningError):
+        database.list_logs(broken)
+    assert cli.main(["logs", "list", "--log-dir", str(broken)]) == 1
+
+
+def test_tune_log_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    f = tmp_path / "logs.txt"
+    f.write_text("x")
+    assert cli.main(["tune", "zoo:mlp", "--trials", "1", "--log-dir", str(f)]) == 1
+    err = capsys.readouterr().err
+    assert "is a file" in err and err.count("\n") == 1 and f.read_text() == "x"
+
+
+@pytest.mark.slow
+def test_two_tuners_on_one_log_dir_then_compile(tmp_path):
+    """Two `kiln tune` runs on one --log-dir at once: both exit 0, the second waits for the first, the
+    database loads, `logs list` is clean, and compile applies the records (this corrupted the
+    database before)."""
+    import subprocess
+    import sys
+
+    import compiler
+    from compiler.tuning import database
+
+    log_dir = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "compiler", "tune", "zoo:mlp", "--trials", "6", "--log-dir", str(log_dir)]
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert any("waiting for it to finish" in o for o in outs), outs
+    (summary,) = database.list_logs(log_dir)
+    hashes, records = database.read_db(_work(log_dir))
+    keys = [(hashes[i], database.trace_key(r[0])) for i, r in records]
+    assert len(keys) == summary.records and summary.records >= 6
+    assert compiler.compile("zoo:mlp", "x86", tuning_logs=log_dir).meta["untuned_kernels"] == []
+
+
 @pytest.mark.slow
 def test_tiny_cnn_tuned_convolutions_never_slower_than_defaults(tmp_path):
     """The same guarantee for convolutions (packed-weight default schedules), one trial per kernel."""
@@ -848,7 +924,6 @@ def test_overnight_survives_crashing_jobs_and_reports(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO
 
     plan = tmp_path / "plan.toml"
     plan.write_text((REPO / "scripts" / "plans" / "tiny.toml").read_text()
