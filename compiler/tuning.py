@@ -322,7 +322,8 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
 
                 gpu_env.enter_context(cuda.build_environment(desc.name))
             parts = {} if rpc_tracker is None else remote.tuning_parts(rpc_tracker, rpc_key, desc)
-            searcher = search.Searcher(tvm_target, desc.cores, str(logs.work), cost_model=cost_model_path, **parts)
+            searcher = search.Searcher(tvm_target, desc.cores, str(logs.work), cost_model=cost_model_path, desc=desc,
+                                       **parts)
         return searcher
 
     # Kiln's default schedule of every task not seen before becomes a record of it (see module doc), and

@@ -57,10 +57,10 @@ def _run(
         name = gv.name_hint
         if "conv2d" in name:
             n_conv += 1
-            assert conv_mod.Conv2D().apply(func, tt, False) is not None, f"conv rule refused {name}"
+            assert conv_mod.Conv2D(TARGET).apply(func, tt, False) is not None, f"conv rule refused {name}"
         elif "pool" in name or name == "mean":  # global pooling becomes mean(axis=[1, 2])
             n_pool += 1
-            assert pool_mod.Pool().apply(func, tt, False) is not None, f"pool rule refused {name}"
+            assert pool_mod.Pool(TARGET).apply(func, tt, False) is not None, f"pool rule refused {name}"
     assert n_conv >= expect_conv and n_pool >= expect_pool, (n_conv, n_pool)
 
     scheduled = pipeline.schedule(fused, TARGET)
@@ -192,13 +192,12 @@ def test_pool(kind):
 
 def test_tile_choice_respects_vector_width():
     """Tiles come from the target: AVX2 (8 lanes, 16 registers) gets smaller register tiles."""
-    avx512 = targets.get("skylake-avx512").to_tvm()
-    avx2 = targets.get("haswell").to_tvm()
-    assert conv_mod.vector_lanes(avx512) == 16 and conv_mod.num_vector_registers(avx512) == 32
-    assert conv_mod.vector_lanes(avx2) == 8 and conv_mod.num_vector_registers(avx2) == 16
-    aarch64, armv7 = targets.get("rpi4").to_tvm(), targets.get("armv7").to_tvm()
-    assert conv_mod.vector_lanes(aarch64) == 4 and conv_mod.num_vector_registers(aarch64) == 32
-    assert conv_mod.vector_lanes(armv7) == 4 and conv_mod.num_vector_registers(armv7) == 16
+    avx512, avx2 = targets.get("skylake-avx512"), targets.get("haswell")
+    assert avx512.vector_lanes("float32") == 16 and avx512.vector_registers == 32
+    assert avx2.vector_lanes("float32") == 8 and avx2.vector_registers == 16
+    aarch64, armv7 = targets.get("rpi4"), targets.get("armv7")
+    assert aarch64.vector_lanes("float32") == 4 and aarch64.vector_registers == 32
+    assert armv7.vector_lanes("float32") == 4 and armv7.vector_registers == 16
     for ow in (7, 13, 14, 15, 56, 112):
         for regs in (16, 32):
             r, v = conv_mod.choose_tile(ow, 8, regs, False)
@@ -215,8 +214,8 @@ def test_unrecognised_returns_none():
     c = te.compute((16, 8), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="C")
     func = te.create_prim_func([a, b, c])
     tt = TARGET.to_tvm()
-    assert conv_mod.Conv2D().apply(func, tt, False) is None
-    assert pool_mod.Pool().apply(func, tt, False) is None
+    assert conv_mod.Conv2D(TARGET).apply(func, tt, False) is None
+    assert pool_mod.Pool(TARGET).apply(func, tt, False) is None
 
 
 def test_weight_repack_is_folded_at_compile_time():
@@ -225,7 +224,6 @@ def test_weight_repack_is_folded_at_compile_time():
     import tvm
 
     import schedules
-    import targets
     from compiler import pipeline
 
     desc = TARGET
