@@ -251,3 +251,23 @@ def test_relu6_keeps_channels_last():
     text = pipeline.lower(model, TARGET, example_inputs=(torch.randn(1, 8, 12, 12),)).prepared.script()
     # one transpose in (NCHW -> NHWC) and one out, none around the clips
     assert text.count("R.permute_dims") == 2, text
+
+
+def test_blocking_reads_the_l2_size_of_the_target():
+    """Output-channel blocks go outermost when the conv's weights do not fit half of the target's L2
+    (``desc.l2_bytes``); rows go outermost when they do. 3x3x128x128 float32 weights are 576 KiB."""
+    import re
+
+    from tvm import te, topi
+
+    data = te.placeholder((1, 28, 28, 128), name="data")
+    weight = te.placeholder((3, 3, 128, 128), name="weight")
+    func = te.create_prim_func([data, weight, topi.nn.conv2d_nhwc(data, weight, 1, 1, 1)])
+    base = targets.get("skylake-avx512")
+    order = {}
+    for l2_kb in (1024, 2048):
+        desc = dataclasses.replace(base, l2_kb=l2_kb)
+        sch = conv_mod.Conv2D(desc).apply(func, desc.to_tvm(), False)
+        order[l2_kb] = re.findall(r"for (\w+) in T.parallel", sch.mod["main"].script())[-1]
+    assert order[1024] == "nn_ff_0_yy_fused"  # channel blocks outermost: the weights stay in L2
+    assert order[2048] == "nn_yy_ff_0_fused"  # rows outermost: the input rows stay in L1

@@ -38,7 +38,8 @@ tile, so every output is stored exactly once, already activated.
 Loop nest and parallelism: ``n, oc_block, oh`` (fused, ``parallel`` over the cores) ``, ow_block
 | kh, kw, ic | r, v, lane``. Output-channel blocks are outermost so a block of weights
 (KH*KW*IC*V*L floats) stays in L2 while the whole image streams through it; when the whole
-weight tensor is small (fits half of L2) rows are outermost instead so the input rows stay in L1.
+weight tensor is small (fits half of the target's L2, ``desc.l2_bytes``) rows are outermost instead so
+the input rows stay in L1.
 
 Weights are repacked per register tile, ``HWIO -> [OC/B, KH, KW, IC, B]`` with ``B = V*L``, so the
 weights one tile streams through are contiguous. In plain HWIO a tile's weights are ``B`` floats
@@ -369,6 +370,9 @@ def choose_tile(ow: int, vec_blocks: int, regs: int, depthwise: bool,
 # the rule
 
 
+#: L2 size assumed when a description does not give one (every CPU target in targets/ does).
+_DEFAULT_L2_BYTES = 1 << 20
+
 #: Repack weights per register tile (needs SplitLayoutRewritePreproc + FoldConstant after scheduling).
 PACK_WEIGHTS = True
 
@@ -490,8 +494,7 @@ class Conv2D(ScheduleRule):
         fo, fv, fl = sch.split(f, [None, V, L])
         wo, wi = sch.split(w, [None, R])
         weight_bytes = conv.kh * conv.kw * conv.ic * conv.oc * conv.dtype_bits // 8
-        l2 = 1024 * 1024
-        rows_outer = conv.depthwise or weight_bytes * 2 <= l2
+        rows_outer = conv.depthwise or weight_bytes * 2 <= (desc.l2_bytes or _DEFAULT_L2_BYTES)
         if rows_outer:
             sch.reorder(n, h, fo, wo, kh, kw, c, wi, fv, fl)
             par = sch.fuse(n, h, fo)
