@@ -48,12 +48,12 @@ def default_schedule_pass(target: TargetDescription) -> tvm.transform.Pass:
     """The pass that gives every unscheduled kernel a default schedule for ``target``."""
     from tvm.s_tir import dlight as dl
 
-    if target.family in ("x86", "arm"):  # on ARM: 128-bit NEON, 4 float32 lanes (see x86.conv.vector_bits)
+    if target.family in ("x86", "arm"):  # the rules read widths, registers and caches from the description
         from . import x86
 
-        return dl.ApplyDefaultSchedule(*x86.rules())
+        return dl.ApplyDefaultSchedule(*x86.rules(target))
     if target.family == "cuda":  # DLight's GPU rules plus Kiln's (schedules/cuda); apply inside `with target:`
         from . import cuda
 
-        return dl.ApplyDefaultSchedule(*cuda.rules())
+        return dl.ApplyDefaultSchedule(*cuda.rules(target))
     return tvm.transform.Sequential([])

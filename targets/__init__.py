@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,9 +60,56 @@ class TargetDescription:
     llvm_mattr: tuple[str, ...] = field(default=(), repr=False)
 
     # -- derived -------------------------------------------------------------------------------
+    # ``vector_bits`` (a field) is the width of the vectors the generated code uses, which is what
+    # the schedule rules size their tiles by: 512 with AVX-512, 256 with AVX2, 128 with NEON (also on
+    # SVE parts: TVM's LLVM codegen emits fixed-width NEON, not scalable SVE vectors; see
+    # graviton3.toml). The facts below are derived from the fields here, once, for every rule.
     def has(self, feature: str) -> bool:
         """True when the target lists ``feature`` (e.g. ``"avx512f"``, ``"neon"``, ``"dotprod"``)."""
         return feature in self.features
+
+    def vector_lanes(self, dtype: str) -> int:
+        """Elements of ``dtype`` (``"float32"``, ``"int8"``, ``"float16"``...) in one vector register:
+        ``vector_bits // dtype_bits(dtype)`` (sub-byte types count as bytes), at least 1. 16 for
+        float32 with AVX-512, 8 with AVX2, 4 with NEON."""
+        return max(self.vector_bits // max(dtype_bits(dtype), 8), 1)
+
+    @property
+    def vector_registers(self) -> int:
+        """Architectural vector registers the generated code can use: 32 with AVX-512 (zmm0-31) and
+        on AArch64 (v0-v31, NEON and SVE alike), 16 with AVX/AVX2 (ymm0-15) and on 32-bit ARM NEON
+        (q0-q15), 8 with Arm Helium/MVE (q0-q7); 0 for targets without a CPU vector unit (CUDA, MCUs
+        without MVE)."""
+        if self.family == "x86":
+            return 32 if self.has("avx512f") else 16
+        if self.family == "arm":
+            return 32 if self.triple.startswith(("aarch64", "arm64")) else 16
+        if self.family == "mcu" and any(f.startswith("mve") for f in self.features):
+            return 8
+        return 0
+
+    @property
+    def embedded_broadcast(self) -> bool:
+        """True when vector FMAs take a broadcast memory operand (AVX-512:
+        ``vfmadd231ps zmm, zmm, [mem]{1to16}``), so a broadcast scalar needs no register."""
+        return self.family == "x86" and self.has("avx512f")
+
+    @property
+    def l1d_bytes(self) -> int:
+        """Level-1 data cache per core in bytes (CUDA: L1/shared memory per SM); 0 when the target
+        has none or it is not known."""
+        return self.l1d_kb * 1024
+
+    @property
+    def l2_bytes(self) -> int:
+        """Level-2 cache in bytes (per core or per cluster, as the part has it; CUDA: the whole
+        GPU's); 0 when none or not known."""
+        return self.l2_kb * 1024
+
+    @property
+    def l3_bytes(self) -> int:
+        """Last-level (L3) cache in bytes; 0 when the part has none or it is not known."""
+        return self.l3_kb * 1024
 
     @property
     def buildable(self) -> bool:
@@ -121,6 +169,24 @@ class TargetDescription:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "TargetDescription":
         return _from_mapping(data, source="<json>")
+
+
+_DTYPE_RE = re.compile(r"^(?:u?int|b?float)(\d+)")
+
+
+def dtype_bits(dtype: str) -> int:
+    """Bits of one element of ``dtype`` (a TVM/NumPy dtype string: ``"float32"`` -> 32, ``"int8"`` ->
+    8, ``"float8_e4m3fn"`` -> 8, ``"bool"`` -> 8, ``"float32x4"`` -> 32: lanes are not counted).
+    ``ValueError`` for a string that is not a dtype."""
+    text = str(dtype)
+    if text == "bool" or text.startswith("boolx"):
+        return 8  # TVM stores bool as one byte
+    if text == "handle":
+        return 64
+    m = _DTYPE_RE.match(text)
+    if m is None:
+        raise ValueError(f"not a dtype: {dtype!r}")
+    return int(m.group(1))
 
 
 def _jsonable(v):

@@ -119,7 +119,7 @@ def test_depthwise_conv_uses_kiln_rule():
     fused = pipeline.lower(model, desc, example_inputs=(torch.randn(1, 16, 32, 32),)).fused
     (func,) = [f for gv, f in fused.functions_items() if "conv2d" in gv.name_hint]
     with desc.to_tvm():
-        chosen = next(type(r).__name__ for r in rules() if r.apply(func, desc.to_tvm(), False) is not None)
+        chosen = next(type(r).__name__ for r in rules(desc) if r.apply(func, desc.to_tvm(), False) is not None)
         assert chosen == "WindowedReduction"
         dense = torch.nn.Conv2d(64, 64, 3, padding=1)
         dense_fused = pipeline.lower(dense, desc, example_inputs=(torch.randn(1, 64, 16, 16),)).fused

@@ -57,10 +57,10 @@ def _run(
         name = gv.name_hint
         if "conv2d" in name:
             n_conv += 1
-            assert conv_mod.Conv2D().apply(func, tt, False) is not None, f"conv rule refused {name}"
+            assert conv_mod.Conv2D(TARGET).apply(func, tt, False) is not None, f"conv rule refused {name}"
         elif "pool" in name or name == "mean":  # global pooling becomes mean(axis=[1, 2])
             n_pool += 1
-            assert pool_mod.Pool().apply(func, tt, False) is not None, f"pool rule refused {name}"
+            assert pool_mod.Pool(TARGET).apply(func, tt, False) is not None, f"pool rule refused {name}"
     assert n_conv >= expect_conv and n_pool >= expect_pool, (n_conv, n_pool)
 
     scheduled = pipeline.schedule(fused, TARGET)
@@ -192,13 +192,12 @@ def test_pool(kind):
 
 def test_tile_choice_respects_vector_width():
     """Tiles come from the target: AVX2 (8 lanes, 16 registers) gets smaller register tiles."""
-    avx512 = targets.get("skylake-avx512").to_tvm()
-    avx2 = targets.get("haswell").to_tvm()
-    assert conv_mod.vector_lanes(avx512) == 16 and conv_mod.num_vector_registers(avx512) == 32
-    assert conv_mod.vector_lanes(avx2) == 8 and conv_mod.num_vector_registers(avx2) == 16
-    aarch64, armv7 = targets.get("rpi4").to_tvm(), targets.get("armv7").to_tvm()
-    assert conv_mod.vector_lanes(aarch64) == 4 and conv_mod.num_vector_registers(aarch64) == 32
-    assert conv_mod.vector_lanes(armv7) == 4 and conv_mod.num_vector_registers(armv7) == 16
+    avx512, avx2 = targets.get("skylake-avx512"), targets.get("haswell")
+    assert avx512.vector_lanes("float32") == 16 and avx512.vector_registers == 32
+    assert avx2.vector_lanes("float32") == 8 and avx2.vector_registers == 16
+    aarch64, armv7 = targets.get("rpi4"), targets.get("armv7")
+    assert aarch64.vector_lanes("float32") == 4 and aarch64.vector_registers == 32
+    assert armv7.vector_lanes("float32") == 4 and armv7.vector_registers == 16
     for ow in (7, 13, 14, 15, 56, 112):
         for regs in (16, 32):
             r, v = conv_mod.choose_tile(ow, 8, regs, False)
@@ -215,8 +214,8 @@ def test_unrecognised_returns_none():
     c = te.compute((16, 8), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="C")
     func = te.create_prim_func([a, b, c])
     tt = TARGET.to_tvm()
-    assert conv_mod.Conv2D().apply(func, tt, False) is None
-    assert pool_mod.Pool().apply(func, tt, False) is None
+    assert conv_mod.Conv2D(TARGET).apply(func, tt, False) is None
+    assert pool_mod.Pool(TARGET).apply(func, tt, False) is None
 
 
 def test_weight_repack_is_folded_at_compile_time():
@@ -225,7 +224,6 @@ def test_weight_repack_is_folded_at_compile_time():
     import tvm
 
     import schedules
-    import targets
     from compiler import pipeline
 
     desc = TARGET
@@ -253,3 +251,23 @@ def test_relu6_keeps_channels_last():
     text = pipeline.lower(model, TARGET, example_inputs=(torch.randn(1, 8, 12, 12),)).prepared.script()
     # one transpose in (NCHW -> NHWC) and one out, none around the clips
     assert text.count("R.permute_dims") == 2, text
+
+
+def test_blocking_reads_the_l2_size_of_the_target():
+    """Output-channel blocks go outermost when the conv's weights do not fit half of the target's L2
+    (``desc.l2_bytes``); rows go outermost when they do. 3x3x128x128 float32 weights are 576 KiB."""
+    import re
+
+    from tvm import te, topi
+
+    data = te.placeholder((1, 28, 28, 128), name="data")
+    weight = te.placeholder((3, 3, 128, 128), name="weight")
+    func = te.create_prim_func([data, weight, topi.nn.conv2d_nhwc(data, weight, 1, 1, 1)])
+    base = targets.get("skylake-avx512")
+    order = {}
+    for l2_kb in (1024, 2048):
+        desc = dataclasses.replace(base, l2_kb=l2_kb)
+        sch = conv_mod.Conv2D(desc).apply(func, desc.to_tvm(), False)
+        order[l2_kb] = re.findall(r"for (\w+) in T.parallel", sch.mod["main"].script())[-1]
+    assert order[1024] == "nn_ff_0_yy_fused"  # channel blocks outermost: the weights stay in L2
+    assert order[2048] == "nn_yy_ff_0_fused"  # rows outermost: the input rows stay in L1

@@ -19,7 +19,7 @@ from tvm.relax.frontend.torch import from_exported_program  # noqa: E402
 import targets  # noqa: E402
 import schedules  # noqa: E402
 from compiler import pipeline  # noqa: E402
-from schedules.x86 import elementwise, matmul, reduction  # noqa: E402
+from schedules.x86 import matmul, reduction  # noqa: E402
 
 TARGET = targets.get("x86")
 
@@ -42,7 +42,7 @@ def _which_rule(func, target=None) -> str | None:
     from schedules import x86
 
     tvm_target = (target or TARGET).to_tvm()
-    for rule in x86.rules():
+    for rule in x86.rules(target or TARGET):
         if rule.apply(func, tvm_target, False) is not None:
             return type(rule).__name__
     return None
@@ -73,7 +73,7 @@ def _run(model: nn.Module, *args, first: dict[str, str] | None = None, applies: 
         hits = [n for n in kernels if pattern in n]
         assert hits, f"no fused kernel matches {pattern!r}: {sorted(kernels)}"
         for name in hits:
-            assert rule().apply(kernels[name], tvm_target, False) is not None, f"{rule.__name__} declined {name}"
+            assert rule(target).apply(kernels[name], tvm_target, False) is not None, f"{rule.__name__} declined {name}"
     scheduled = pipeline.schedule(fused, target)
     for name, func in _prim_funcs(scheduled).items():
         assert func.attrs is not None and func.attrs.get("tirx.is_scheduled"), f"{name} left unscheduled"
@@ -150,7 +150,7 @@ def test_conv_as_implicit_gemm():
     out = te.compute(conv.shape, lambda n, h, w, c: te.max(conv[n, h, w, c] + bias[c], 0.0), name="T_relu")
     func = te.create_prim_func([data, weight, bias, out])
     tvm_target = TARGET.to_tvm()
-    sch = matmul.Matmul().apply(func, tvm_target, False)
+    sch = matmul.Matmul(TARGET).apply(func, tvm_target, False)
     assert sch is not None
     rng = np.random.default_rng(0)
     args = [rng.standard_normal([int(d) for d in t.shape]).astype("float32") for t in (data, weight, bias)]
@@ -322,7 +322,7 @@ def test_avx2_target():
     """On an AVX2 target (8 float lanes, 16 vector registers) the same rules give 8-lane kernels
     that run on this machine."""
     haswell = targets.get("haswell")
-    assert elementwise.vector_lanes(haswell.to_tvm(), "float32") == 8
+    assert haswell.vector_lanes("float32") == 8 and haswell.vector_registers == 16
 
     class M(nn.Module):
         def __init__(self):

@@ -155,3 +155,71 @@ def test_compile_for_named_cpu_runs_here():
     assert mod.summary().target == d.name
     with torch.no_grad():
         np.testing.assert_allclose(mod(x.numpy()), model(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- facts the schedule rules read
+
+
+def test_dtype_bits():
+    assert [targets.dtype_bits(d) for d in ("float32", "int8", "float16", "bfloat16", "uint8", "int64")] == \
+        [32, 8, 16, 16, 8, 64]
+    assert targets.dtype_bits("float32x4") == 32 and targets.dtype_bits("bool") == 8
+    assert targets.dtype_bits("float8_e4m3fn") == 8
+    with pytest.raises(ValueError):
+        targets.dtype_bits("not-a-dtype")
+
+
+def test_vector_lanes_and_registers():
+    """Lanes per dtype and register counts: AVX-512 vs AVX2 vs NEON (AArch64 and 32-bit ARM)."""
+    skx, hsw = targets.get("skylake-avx512"), targets.get("haswell")
+    assert (skx.vector_lanes("float32"), skx.vector_lanes("int8"), skx.vector_lanes("float16")) == (16, 64, 32)
+    assert (hsw.vector_lanes("float32"), hsw.vector_lanes("int8"), hsw.vector_lanes("float16")) == (8, 32, 16)
+    assert skx.vector_registers == 32 and skx.embedded_broadcast
+    assert hsw.vector_registers == 16 and not hsw.embedded_broadcast
+    for name in ("rpi4", "rpi5", "jetson-orin-cpu", "graviton3", "armv7"):
+        arm = targets.get(name)
+        assert (arm.vector_lanes("float32"), arm.vector_lanes("int8")) == (4, 16), name
+        assert arm.vector_registers == (16 if name == "armv7" else 32), name
+        assert not arm.embedded_broadcast, name
+    assert targets.get("cortex-m55").vector_lanes("float32") == 4 and targets.get("cortex-m55").vector_registers == 8
+    assert targets.get("cortex-m4").vector_lanes("float32") == 1
+    host = targets.host_description()
+    avx512 = host.has("avx512f")
+    assert host.vector_lanes("float32") == (16 if avx512 else 8 if host.has("avx2") else 4)
+    assert host.vector_registers == (32 if avx512 else 16) and host.embedded_broadcast == avx512
+
+
+def test_vector_bits_is_what_the_code_uses():
+    """x86 widths follow the ISA features; every ARM target (Graviton3's SVE included: TVM emits NEON)
+    is 128-bit NEON."""
+    for d in targets.all_descriptions():
+        if d.family == "x86":
+            assert d.vector_bits == (512 if d.has("avx512f") else 256 if d.has("avx2") else 128), d.name
+        elif d.family == "arm":
+            assert d.vector_bits == 128, d.name
+
+
+def test_cache_sizes():
+    """Every CPU target knows its L1d and L2; sizes are positive and ordered where present."""
+    for d in targets.all_descriptions():
+        assert (d.l1d_bytes, d.l2_bytes, d.l3_bytes) == (d.l1d_kb * 1024, d.l2_kb * 1024, d.l3_kb * 1024)
+        if d.family in ("x86", "arm"):
+            assert d.l1d_bytes > 0 and d.l2_bytes > 0, d.name
+        if d.l1d_bytes and d.l2_bytes:
+            assert d.l1d_bytes < d.l2_bytes, d.name
+        if d.l2_bytes and d.l3_bytes:
+            assert d.l2_bytes <= d.l3_bytes, d.name
+    assert targets.get("skylake-avx512").l2_bytes == 1 << 20 and targets.get("haswell").l2_bytes == 256 << 10
+
+
+def test_host_caches_are_read_from_the_machine():
+    host = targets.host_description()
+    sysfs = Path("/sys/devices/system/cpu/cpu0/cache")
+    for idx in sysfs.glob("index*"):
+        level, kind = int((idx / "level").read_text()), (idx / "type").read_text().strip()
+        size = (idx / "size").read_text().strip()
+        kb = int(size[:-1]) * (1024 if size.endswith("M") else 1)
+        if level == 1 and kind == "Data":
+            assert host.l1d_kb == kb
+        elif level in (2, 3) and kind == "Unified":
+            assert (host.l2_kb if level == 2 else host.l3_kb) == kb

@@ -791,7 +791,7 @@ def test_kiln_conv_template_is_searched_and_every_sample_is_correct():
     target = desc.to_tvm()
     fused = pipeline.lower("zoo:tiny_cnn", desc).fused
     task = next(t for t in search.extract_tasks(fused, target) if t.name.startswith("fused_conv2d2"))
-    ctx = ms.TuneContext(mod=task.mod, target=target, space_generator=search.space_generator(target),
+    ctx = ms.TuneContext(mod=task.mod, target=target, space_generator=search.space_generator(target, desc),
                          search_strategy=ms.search_strategy.ReplayTrace(), task_name=task.name, rand_state=7,
                          num_threads=1).clone()
     spaces = ctx.space_generator.generate_design_space(ctx.mod)

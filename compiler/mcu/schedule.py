@@ -234,4 +234,4 @@ def schedule_module(mod: tvm.IRModule, vector_lanes: int = 1) -> tvm.IRModule:
 
 def vector_lanes(desc) -> int:
     """float32 lanes of ``desc``'s vector unit: 4 with Helium's floating point (``mve.fp``), else 1."""
-    return max(desc.vector_bits // 32, 1) if "mve.fp" in desc.features else 1
+    return desc.vector_lanes("float32") if desc.has("mve.fp") else 1

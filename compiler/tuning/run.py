@@ -231,7 +231,7 @@ class TuningRun:
                 self.gpu_env.enter_context(cuda.build_environment(self.desc.name))
             parts = {} if self.rpc_tracker is None else rpc.tuning_parts(self.rpc_tracker, self.rpc_key, self.desc)
             self.searcher = search.Searcher(self.tvm_target, self.desc.cores, str(self.logs.work),
-                                            cost_model=self.cost_model_path, **parts)
+                                            cost_model=self.cost_model_path, desc=self.desc, **parts)
         return self.searcher
 
     def close(self) -> None:

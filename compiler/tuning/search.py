@@ -236,7 +236,7 @@ def default_schedule(task: Task, desc):
 
     func = task.mod["main"]
     with desc.to_tvm() as target:
-        for rule in family.rules():
+        for rule in family.rules(desc):
             space = rule.apply(func, target, False)
             if space is None:
                 continue
@@ -264,14 +264,14 @@ def _device_type(target) -> str:
     return {"llvm": "cpu", "c": "cpu"}.get(kind, kind)
 
 
-def space_generator(target):
+def space_generator(target, desc):
     """The design spaces searched for a task: MetaSchedule's rules (``post-order-apply``), plus on CPU
     targets Kiln's tunable templates (``schedules.x86.design_space``: its convolution schedule with the
-    register tile as tunable decisions)."""
+    register tile as tunable decisions, sized for the description ``desc``)."""
     if str(target.kind.name) != "llvm":
         return "post-order-apply"
     return ms.space_generator.SpaceGeneratorUnion(
-        [ms.space_generator.PostOrderApply(), ms.space_generator.ScheduleFn(x86_rules.design_space(target))])
+        [ms.space_generator.PostOrderApply(), ms.space_generator.ScheduleFn(x86_rules.design_space(desc))])
 
 
 @dataclass
@@ -366,8 +366,9 @@ class Searcher:
     """
 
     def __init__(self, target, num_threads: int, log_dir: str, cost_model: str | None = None,
-                 builder=None, runner=None):
+                 builder=None, runner=None, *, desc):
         self.target = target
+        self.desc = desc  # the TargetDescription of ``target``: Kiln's templates are sized for it
         self.num_threads = max(1, num_threads)
         self.log_dir = log_dir
         self.builder = builder if builder is not None else PersistentBuilder(max_workers=self.num_threads)
@@ -460,7 +461,7 @@ class Searcher:
         ctx = ms.TuneContext(
             mod=task.mod,
             target=self.target,
-            space_generator=space_generator(self.target),
+            space_generator=space_generator(self.target, self.desc),
             search_strategy=NoRepeatSearch(ms.search_strategy.EvolutionarySearch(
                 population_size=population_size(trials),
                 init_min_unmeasured=min(50, population_size(trials) // 2)), self.measured_keys(task, database)),

@@ -12,9 +12,12 @@ loop nest one output element per thread.
 
 from __future__ import annotations
 
+from targets import TargetDescription
 
-def rules() -> list:
-    """The DLight rules, in priority order, for every CUDA target (sizes come from the target)."""
+
+def rules(desc: TargetDescription) -> list:
+    """The rules, in priority order, for the CUDA target ``desc`` (the same for every NVIDIA GPU:
+    DLight's rules read their limits from the ``tvm.target.Target`` they are applied under)."""
     from tvm.s_tir import dlight as dl
 
     from .conv import WindowedReduction

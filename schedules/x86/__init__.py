@@ -13,34 +13,39 @@ Rules are tried in order for each fused PrimFunc; the first that returns a sched
 
 from __future__ import annotations
 
-from .conv import PREFERRED_LAYOUTS  # noqa: F401  (re-exported for schedules.preferred_layouts)
+from targets import TargetDescription
+
+from .conv import PREFERRED_LAYOUTS  # re-exported for schedules.preferred_layouts
+
+__all__ = ["PREFERRED_LAYOUTS", "design_space", "rules"]
 
 
-def rules() -> list:
-    """The x86 rules, most specific first."""
+def rules(desc: TargetDescription) -> list:
+    """The x86 rules for ``desc`` (an x86 or ARM description: lanes, registers, caches and cores come
+    from it), most specific first."""
     from . import conv, elementwise, matmul, pool, reduction, winograd
 
     return [
-        winograd.WinogradTransform(),
-        conv.Conv2D(),
-        pool.Pool(),
-        matmul.Matmul(),
-        reduction.Reduction(),
-        elementwise.Elementwise(),
-        elementwise.Fallback(),
+        winograd.WinogradTransform(desc),
+        conv.Conv2D(desc),
+        pool.Pool(desc),
+        matmul.Matmul(desc),
+        reduction.Reduction(desc),
+        elementwise.Elementwise(desc),
+        elementwise.Fallback(desc),
     ]
 
 
-def design_space(target):
-    """Kiln's tunable templates as a MetaSchedule ``ScheduleFn`` body for ``target``: the task's
+def design_space(desc: TargetDescription):
+    """Kiln's tunable templates as a MetaSchedule ``ScheduleFn`` body for ``desc``: the task's
     schedule -> a list of design spaces (empty when no template applies). The tuner searches them
     next to MetaSchedule's own rules (``schedules.search.Searcher``)."""
     from . import conv
 
-    rule = conv.Conv2D()
+    rule = conv.Conv2D(desc)
 
     def space(sch):
-        out = rule.design_space(sch, target)
+        out = rule.design_space(sch)
         return [out] if out is not None else []
 
     return space

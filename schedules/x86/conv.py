@@ -14,7 +14,7 @@ module, so their transpose to HWIO is folded at compile time.
 
 Register tile (the micro-kernel). For each output row ``oh`` and a block of ``R`` consecutive
 output pixels ``ow .. ow+R`` times ``V`` vectors of ``L`` output channels (``L`` = vector width /
-32 bits, read from the target: 16 on AVX-512, 8 on AVX2), the ``R*V`` accumulators live in vector
+32 bits, ``desc.vector_lanes``: 16 on AVX-512, 8 on AVX2), the ``R*V`` accumulators live in vector
 registers for the whole reduction::
 
     for (kh, kw, ic):                     # reduction, outside the register tile
@@ -38,7 +38,8 @@ tile, so every output is stored exactly once, already activated.
 Loop nest and parallelism: ``n, oc_block, oh`` (fused, ``parallel`` over the cores) ``, ow_block
 | kh, kw, ic | r, v, lane``. Output-channel blocks are outermost so a block of weights
 (KH*KW*IC*V*L floats) stays in L2 while the whole image streams through it; when the whole
-weight tensor is small (fits half of L2) rows are outermost instead so the input rows stay in L1.
+weight tensor is small (fits half of the target's L2, ``desc.l2_bytes``) rows are outermost instead so
+the input rows stay in L1.
 
 Weights are repacked per register tile, ``HWIO -> [OC/B, KH, KW, IC, B]`` with ``B = V*L``, so the
 weights one tile streams through are contiguous. In plain HWIO a tile's weights are ``B`` floats
@@ -68,6 +69,8 @@ from tvm import s_tir, tirx
 from tvm.target import Target
 from tvm.s_tir.dlight import ScheduleRule
 
+from targets import TargetDescription
+
 #: ConvertLayout request: channels-last activations, HWIO weights. Pooling, elementwise ops and
 #: reductions follow their input's layout (their layout inference takes it from the producer), so
 #: activations stay NHWC from the first convolution to the head.
@@ -94,42 +97,6 @@ def register_clip_layout_inference() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # helpers shared with pool.py
-
-
-def vector_bits(target: Target) -> int:
-    """Native vector width of ``target`` in bits, from its ISA features (``avx512f`` -> 512,
-    ``avx`` -> 256, else 128). ``llvm_get_vector_width`` answers 512 here for every x86 target
-    (it reflects the host), so it is only the last resort for non-x86 LLVM targets."""
-    from tvm.target import codegen
-
-    try:
-        if codegen.target_has_features("avx512f", target):
-            return 512
-        if codegen.target_has_features("avx", target):
-            return 256
-        if codegen.target_has_features("sse2", target):
-            return 128
-    except Exception:  # pragma: no cover
-        pass
-    try:
-        bits = int(codegen.llvm_get_vector_width(target))
-    except Exception:  # pragma: no cover
-        bits = 128
-    return bits if bits > 0 else 128
-
-
-def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
-    """Lanes of one native vector register for ``dtype_bits`` elements on ``target``."""
-    return max(vector_bits(target) // dtype_bits, 1)
-
-
-def num_vector_registers(target: Target) -> int:
-    """Architectural vector registers: 32 with AVX-512 and on AArch64 (v0-v31), 16 with
-    AVX/AVX2/SSE and on 32-bit ARM NEON (q0-q15)."""
-    triple = str(target.attrs.get("mtriple", "")) if "mtriple" in target.attrs else ""
-    if triple.startswith(("aarch64", "arm64")):
-        return 32
-    return 32 if vector_bits(target) >= 512 else 16
 
 
 def lane_divisor(channels: int, lanes: int) -> int:
@@ -403,12 +370,19 @@ def choose_tile(ow: int, vec_blocks: int, regs: int, depthwise: bool,
 # the rule
 
 
+#: L2 size assumed when a description does not give one (every CPU target in targets/ does).
+_DEFAULT_L2_BYTES = 1 << 20
+
 #: Repack weights per register tile (needs SplitLayoutRewritePreproc + FoldConstant after scheduling).
 PACK_WEIGHTS = True
 
 
 class Conv2D(ScheduleRule):
-    """Default x86 schedule for NHWC/HWIO conv2d kernels with fused pad and epilogues."""
+    """Default x86 schedule for NHWC/HWIO conv2d kernels with fused pad and epilogues. Vector lanes,
+    register count, embedded broadcasts, cores and the L2 size come from ``desc``."""
+
+    def __init__(self, desc: TargetDescription):
+        self.desc = desc
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):  # noqa: D102
         if not isinstance(func, tirx.PrimFunc):
@@ -416,15 +390,15 @@ class Conv2D(ScheduleRule):
         if target is None or target.kind.name != "llvm":
             return None
         try:
-            return self._apply(func, target, tunable=tunable)
+            return self._apply(func, tunable=tunable)
         except Exception:  # a schedule primitive refused: leave the kernel to other rules
             return None
 
-    def design_space(self, sch: s_tir.Schedule, target: Target) -> s_tir.Schedule | None:
+    def design_space(self, sch: s_tir.Schedule) -> s_tir.Schedule | None:
         """The tunable template on a copy of ``sch`` (a MetaSchedule design space of the task), or None
         when the kernel is not a convolution this rule takes."""
         try:
-            return self._apply(sch.mod["main"], target, tunable=True, sch=sch.copy())
+            return self._apply(sch.mod["main"], tunable=True, sch=sch.copy())
         except Exception:  # noqa: BLE001 - not ours
             return None
 
@@ -448,7 +422,7 @@ class Conv2D(ScheduleRule):
         v_rv = sch.sample_categorical(candidates=v_cands, probs=probs(v_cands, V))
         return r_rv, v_rv, max(v_cands)
 
-    def _apply(self, func: tirx.PrimFunc, target: Target, tunable: bool = False, sch: s_tir.Schedule | None = None):
+    def _apply(self, func: tirx.PrimFunc, tunable: bool = False, sch: s_tir.Schedule | None = None):
         sch = sch if sch is not None else s_tir.Schedule(func)
         root = sch.get_sblock("root")
         blocks = sch.get_child_blocks(root)
@@ -469,9 +443,10 @@ class Conv2D(ScheduleRule):
             if any(iv.iter_type != 0 for iv in sch.get(b).iter_vars):
                 return None
 
-        lanes_native = vector_lanes(target, conv.dtype_bits)
-        regs = num_vector_registers(target)
-        cores = int(target.attrs.get("num-cores", 1)) if hasattr(target, "attrs") else 1
+        desc = self.desc
+        lanes_native = desc.vector_lanes(str(conv.out.dtype))
+        regs = desc.vector_registers
+        cores = desc.cores
 
         # lanes: output channels in one vector must share an input pixel (same group)
         group_oc = conv.oc
@@ -483,8 +458,7 @@ class Conv2D(ScheduleRule):
         L = lane_divisor(group_oc, lanes_native)
         vec_blocks = conv.oc // L
         # AVX-512 FMAs take a broadcast memory operand: no register for the input pixel
-        embedded = (vector_bits(target) >= 512 and not conv.depthwise
-                    and not str(target.attrs.get("mtriple", "x86")).startswith(("aarch64", "arm")))
+        embedded = desc.embedded_broadcast and not conv.depthwise
         R, V = choose_tile(conv.ow, vec_blocks, regs, conv.depthwise, embedded_broadcast=embedded)
         pack_v = V
         if tunable:
@@ -520,8 +494,7 @@ class Conv2D(ScheduleRule):
         fo, fv, fl = sch.split(f, [None, V, L])
         wo, wi = sch.split(w, [None, R])
         weight_bytes = conv.kh * conv.kw * conv.ic * conv.oc * conv.dtype_bits // 8
-        l2 = 1024 * 1024
-        rows_outer = conv.depthwise or weight_bytes * 2 <= l2
+        rows_outer = conv.depthwise or weight_bytes * 2 <= (desc.l2_bytes or _DEFAULT_L2_BYTES)
         if rows_outer:
             sch.reorder(n, h, fo, wo, kh, kw, c, wi, fv, fl)
             par = sch.fuse(n, h, fo)

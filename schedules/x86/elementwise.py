@@ -26,53 +26,12 @@ from tvm.s_tir.dlight import ScheduleRule
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.target import Target
 
+from targets import TargetDescription
+
 log = logging.getLogger(__name__)
 
 #: Kernels with fewer output elements than this stay on one core (thread wake-up costs ~5-10 us).
 PARALLEL_MIN_ELEMENTS = 8192
-
-
-def vector_bits(target: Target) -> int:
-    """The SIMD width of ``target`` in bits (512 with AVX-512, 256 with AVX/AVX2, 128 otherwise).
-
-    ``llvm_get_vector_width`` alone is not enough: in TVM 0.27 it answers 512 on this machine for
-    every x86 target, ``mcpu=haswell`` included, so it is capped by the target's own features
-    (``target_has_features``, which does honour ``mcpu``/``mattr``)."""
-    from tvm.target.codegen import llvm_get_vector_width, target_has_features
-
-    try:
-        bits = int(llvm_get_vector_width(target))
-    except Exception:  # pylint: disable=broad-except
-        bits = 128
-    bits = bits if bits > 0 else 128
-    triple = str(target.attrs.get("mtriple", "")) if target.attrs is not None else ""
-    if triple and not triple.startswith(("x86_64", "i386", "i686")):
-        return bits
-    try:
-        if target_has_features("avx512f", target):
-            cap = 512
-        elif target_has_features("avx", target):
-            cap = 256
-        else:
-            cap = 128
-    except Exception:  # pylint: disable=broad-except
-        cap = bits
-    return min(bits, cap)
-
-
-def vector_lanes(target: Target, dtype: str) -> int:
-    """Vector lanes for ``dtype`` on ``target`` (16 for float32 with AVX-512)."""
-    bits = _dtype_bits(dtype)
-    return max(vector_bits(target) // max(bits, 8), 1)
-
-
-def _dtype_bits(dtype) -> int:
-    import tvm
-
-    try:
-        return int(tvm.DataType(str(dtype)).bits)
-    except Exception:  # pylint: disable=broad-except
-        return 32
 
 
 def _int(x):
@@ -101,13 +60,14 @@ def _vec_factor(extent: int | None, lanes: int) -> int:
     return extent if extent < lanes and extent >= 2 else 1
 
 
-def schedule_spatial_block(sch: s_tir.Schedule, block, target: Target, cores: int | None = None) -> bool:
-    """Parallelise and vectorise one spatial block that owns its loop nest. Returns True when changed."""
+def schedule_spatial_block(sch: s_tir.Schedule, block, desc: TargetDescription) -> bool:
+    """Parallelise and vectorise one spatial block that owns its loop nest (``desc``'s vector lanes
+    for the block's dtype). Returns True when changed."""
     loops = sch.get_loops(block)
     if not loops:
         return False
     exts = [_int(sch.get(lp).extent) for lp in loops]
-    lanes = vector_lanes(target, _block_dtype(sch, block))
+    lanes = desc.vector_lanes(_block_dtype(sch, block))
     total = 1
     for e in exts:
         total = total * e if (e is not None and total is not None) else None
@@ -169,7 +129,11 @@ def _inline_all(sch: s_tir.Schedule, blocks: list) -> list:
 class GuardedRule(ScheduleRule):
     """Base of Kiln's LLVM rules: ``apply`` declines (returns None) for non-LLVM targets and for any
     function on which a schedule primitive fails, so the next rule gets its turn. Subclasses write
-    ``_apply(func, target) -> Schedule | None``."""
+    ``_apply(func, target) -> Schedule | None`` and read the target's facts (vector lanes, registers,
+    caches, cores) from ``self.desc``, the description the rule was made for."""
+
+    def __init__(self, desc: TargetDescription):
+        self.desc = desc
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
@@ -194,7 +158,7 @@ class Elementwise(GuardedRule):
             return None
         remaining = _inline_all(sch, [b.block_rv for b in infos])
         for b in remaining:
-            schedule_spatial_block(sch, b, target)
+            schedule_spatial_block(sch, b, self.desc)
         return sch
 
 
@@ -210,7 +174,7 @@ class Fallback(GuardedRule):
             for info in infos:
                 kinds = info.dom_kind()
                 if kinds and all(k == "S" for k in kinds):
-                    changed |= schedule_spatial_block(sch, info.block_rv, target)
+                    changed |= schedule_spatial_block(sch, info.block_rv, self.desc)
                     continue
                 lead = len(kinds) - len(kinds.lstrip("S"))
                 if lead == 0:

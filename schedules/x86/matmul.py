@@ -16,7 +16,7 @@ scaling, casts) is scheduled as a register-blocked GEMM:
   registers (checked in the assembly: for 8 x 2 vectors, 16 zmm accumulators and per ``k`` 8 broadcasts,
   2 loads, 16 FMAs, no spills).
   Per ``k``: ``MR`` broadcasts of ``A``, ``NV`` vector loads of ``B``, ``MR x NV`` FMAs. ``vec`` is the
-  target's lanes (``llvm_get_vector_width``; 16 x f32 with AVX-512, 8 with AVX2) or, when N is not a
+  target's lanes (``desc.vector_lanes``; 16 x f32 with AVX-512, 8 with AVX2) or, when N is not a
   multiple, the largest power of two >= 4 that divides N (a guard on the vector lanes would make the
   vectoriser fall back to scalar code); ``MR``/``NV`` follow the register count (32 vector registers
   with AVX-512, 16 otherwise), preferring an ``MR`` that divides the row count: 8 x 3 vectors on
@@ -55,6 +55,7 @@ dynamic shapes, or when a schedule primitive refuses; it never raises.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -62,7 +63,9 @@ from tvm.s_tir.dlight.gpu.matmul import IterKind
 from tvm.tirx.analysis import undefined_vars
 from tvm.target import Target
 
-from .elementwise import GuardedRule, schedule_spatial_block, vector_bits, vector_lanes
+from targets import TargetDescription
+
+from .elementwise import GuardedRule, schedule_spatial_block
 
 log = logging.getLogger(__name__)
 
@@ -129,21 +132,63 @@ def _iter_kinds(stmt) -> dict | None:
     return kinds
 
 
-def _gemv_rows_impl(self, sch, main_rv, func, target, unit_loops, j_loop, k_loop, vec, cores, epilogue, lanes,
-                    leftover_producers, macs):
-    jt, jo, jv = sch.split(j_loop, factors=[cores, None, vec])
-    sch.reorder(*unit_loops, jt, k_loop, jo, jv)
-    par = sch.fuse(*unit_loops, jt) if unit_loops else jt
-    if macs >= PARALLEL_MIN_MACS:
-        sch.parallel(par)
-    attached = _attach_epilogue(sch, main_rv, epilogue, par, target)
-    sch.vectorize(jv)
-    sch.decompose_reduction(main_rv, k_loop)
-    for e in attached:
-        _vectorize_tail(sch, e, lanes, par)
-    for p in leftover_producers:
-        schedule_spatial_block(sch, p, target)
-    return sch
+@dataclass
+class _Gemm:
+    """The matched GEMM: its main (reduction) block, the role of each iter and how B is laid out."""
+
+    info: object  # DLight BlockInfo of the reduction block
+    block: object  # its SBlockRV
+    stmt: object  # the SBlock
+    kind_of: dict  # iter var -> IterKind
+    b_vars: list  # the var indexing each dimension of B (None when not a plain var)
+    b_buffer: tirx.Buffer
+    pack_b: bool  # B is [.., N, K]: packed per column panel into [K, NR]
+    out_dtype: str
+
+
+@dataclass
+class _Loops:
+    """The main block's loops grouped by role (after :func:`_group_loops` reordered them)."""
+
+    b_loops: list  # trivial (extent 1) and batch (S) loops, outermost
+    i_loops: list  # row (I) loops
+    j_loops: list  # column (J) loops
+    k_loop: object  # the reduction (K) loops, fused
+    m: int  # extent of the innermost row loop (1 without rows)
+    n: int  # extent of the innermost column loop
+    k: int  # extent of the fused reduction
+    macs: int  # multiply-adds of the whole kernel
+    m_total: int  # rows of all batches and row loops: macs / (n * k)
+    batched: bool  # there are batch (S) loops
+
+    @property
+    def i_loop(self):
+        return self.i_loops[-1] if self.i_loops else None
+
+    @property
+    def i_outer(self) -> list:
+        return self.i_loops[:-1]
+
+    @property
+    def j_loop(self):
+        return self.j_loops[-1]
+
+    @property
+    def j_outer(self) -> list:
+        return self.j_loops[:-1]
+
+
+@dataclass
+class _Tile:
+    """The micro-kernel: ``mr`` rows x ``nv`` vectors of ``vec`` columns."""
+
+    mr: int
+    nv: int
+    vec: int
+
+    @property
+    def nr(self) -> int:
+        return self.nv * self.vec
 
 
 def _chunks(units: int, cores: int) -> int:
@@ -154,11 +199,11 @@ def _chunks(units: int, cores: int) -> int:
     return 1
 
 
-def _num_cores(target: Target) -> int:
-    try:
-        return max(1, int(target.attrs.get("num-cores", 1) or 1))
-    except Exception:  # pylint: disable=broad-except
-        return 1
+def _tile_registers(desc: TargetDescription) -> int:
+    """Vector registers the micro-kernel is sized for: the target's on x86 (32 with AVX-512, 16 with
+    AVX2). On ARM 16, as this rule has always assumed there, although AArch64 has 32: tiles for 32
+    registers (8 x 3 vectors) were measured on AVX-512 only, not yet on NEON."""
+    return desc.vector_registers if desc.family == "x86" else 16
 
 
 def _pick_mr(m: int, max_mr: int) -> int:
@@ -171,7 +216,7 @@ def _pick_mr(m: int, max_mr: int) -> int:
     return max_mr
 
 
-def _attach_epilogue(sch, main_rv, epilogue: list, loop, target: Target) -> list:
+def _attach_epilogue(sch, main_rv, epilogue: list, loop, desc: TargetDescription) -> list:
     """Compute the epilogue blocks (or, without any, a register cache of the result) per tile
     under ``loop``; when all of them attach, the main block accumulates in registers.
     Returns the blocks that were attached under ``loop``."""
@@ -184,7 +229,7 @@ def _attach_epilogue(sch, main_rv, epilogue: list, loop, target: Target) -> list
             sch.reverse_compute_at(e, loop, preserve_unit_loops=True)
             attached.append(e)
         except Exception:  # pylint: disable=broad-except
-            schedule_spatial_block(sch, e, target)
+            schedule_spatial_block(sch, e, desc)
     if not writes_local and len(attached) == len(epilogue):
         try:
             sch.set_scope(main_rv, 0, "local")
@@ -193,18 +238,115 @@ def _attach_epilogue(sch, main_rv, epilogue: list, loop, target: Target) -> list
     return attached
 
 
-class Matmul(GuardedRule):
-    """Register-blocked, vectorised, parallel GEMM / batched GEMM / GEMV with fused epilogues."""
+def _match(sch: s_tir.Schedule, infos) -> _Gemm | None:
+    """The kernel's single GEMM-like reduction block (None when the kernel is not one this rule takes:
+    several reductions, dynamic shapes, an output not contiguous along a column axis)."""
+    reductions = [b for b in infos if not b.is_injective()]
+    if len(reductions) != 1 or any(set(b.dom_kind()) - {"S", "R"} for b in infos):
+        return None
+    main = reductions[0]
+    stmt = sch.get(main.block_rv)
+    kind_of = _iter_kinds(stmt)
+    if kind_of is None:
+        return None
+    if any(_int(i.dom) is None for i in main.iters):
+        return None  # dynamic shapes: leave to the fallback
+    # the output must be contiguous along a column (J) axis so tiles store whole vectors
+    c_vars = _index_vars(stmt.writes[0].region)
+    if not c_vars or c_vars[-1] is None or kind_of.get(c_vars[-1]) != IterKind.kIter_J:
+        return None
+    b_vars = _index_vars(stmt.reads[1].region)
+    b_last = kind_of.get(b_vars[-1]) if b_vars and b_vars[-1] is not None else None
+    # B is [.., N, K]: pack column panels to [K, NR]
+    pack_b = (b_last == IterKind.kIter_K and len(b_vars) >= 2 and b_vars[-2] is not None
+              and kind_of.get(b_vars[-2]) == IterKind.kIter_J)
+    return _Gemm(main, main.block_rv, stmt, kind_of, b_vars, stmt.reads[1].source, pack_b,
+                 stmt.writes[0].source.dtype)
 
-    def __init__(self, max_rows: int | None = None, max_col_vectors: int | None = None,
+
+def _inline_producers(sch: s_tir.Schedule, producers: list) -> list:
+    """Inline the producers (input reshapes / transposes); return those that cannot be."""
+    leftover = []
+    for p in reversed(producers):
+        try:
+            sch.compute_inline(p)
+        except Exception:  # pylint: disable=broad-except
+            leftover.append(p)
+    return leftover
+
+
+def _inline_epilogue(sch: s_tir.Schedule, consumers: list) -> list:
+    """Inline the epilogue chain into its last blocks (the kernel's outputs and whatever cannot be
+    inlined); return those blocks."""
+    out_blocks = {sch.get(b).name_hint for b in sch.get_output_blocks(sch.get_sblock("root"))}
+    epilogue = []
+    for c in consumers:
+        name = sch.get(c).name_hint
+        if name in out_blocks:
+            epilogue.append(c)
+            continue
+        try:
+            sch.compute_inline(c)
+        except Exception:  # pylint: disable=broad-except
+            epilogue.append(c)
+    return epilogue
+
+
+def _fuse(sch: s_tir.Schedule, lps: list):
+    if not lps:
+        return None
+    return sch.fuse(*lps) if len(lps) > 1 else lps[0]
+
+
+def _group_loops(sch: s_tir.Schedule, gemm: _Gemm) -> _Loops:
+    """Reorder the main block's loops to trivial, S, I, J, K and group them by role; the K loops are
+    fused. Only the innermost I and J loops are tiled later: fusing several I (or J) loops would make a
+    tile straddle rows of the output, and the epilogue attached to the tile would then
+    (over-approximated by a bounding box) touch elements the tile did not compute."""
+    loops = sch.get_loops(gemm.block)
+    groups = {IterKind.kIter_S: [], IterKind.kIter_I: [], IterKind.kIter_J: [], IterKind.kIter_K: [],
+              IterKind.kIter_T: []}
+    for it, lp in zip(gemm.info.iters, loops):
+        groups[gemm.kind_of[it.var]].append(lp)
+    # trivial (extent 1) loops go first, then S, I, J, K
+    order = groups[IterKind.kIter_T] + groups[IterKind.kIter_S] + groups[IterKind.kIter_I] + \
+        groups[IterKind.kIter_J] + groups[IterKind.kIter_K]
+    sch.reorder(*order)
+
+    def ext(lp):
+        return _int(sch.get(lp).extent)
+
+    b_loops = groups[IterKind.kIter_T] + groups[IterKind.kIter_S]
+    i_loops, j_loops = groups[IterKind.kIter_I], groups[IterKind.kIter_J]
+    k_loop = _fuse(sch, groups[IterKind.kIter_K])
+    m = ext(i_loops[-1]) if i_loops else 1
+    n = ext(j_loops[-1])
+    macs = 1
+    for lp in b_loops + i_loops + j_loops + [k_loop]:
+        macs *= ext(lp)
+    k = ext(k_loop)
+    return _Loops(b_loops, i_loops, j_loops, k_loop, m, n, k, macs, macs // (n * k), bool(groups[IterKind.kIter_S]))
+
+
+def _b_is_k_by_n(gemm: _Gemm) -> bool:
+    """B is a plain 2-D ``[K, N]`` matrix (the layout ``nn.Linear`` weights reach TIR in)."""
+    b = gemm.b_vars
+    return (not gemm.pack_b and len(b) == 2 and b[0] is not None and gemm.kind_of.get(b[0]) == IterKind.kIter_K
+            and b[1] is not None and gemm.kind_of.get(b[1]) == IterKind.kIter_J)
+
+
+class Matmul(GuardedRule):
+    """Register-blocked, vectorised, parallel GEMM / batched GEMM / GEMV with fused epilogues; lanes,
+    registers and cores from ``desc``."""
+
+    def __init__(self, desc: TargetDescription, max_rows: int | None = None, max_col_vectors: int | None = None,
                  stream_pack: bool = True, stream_min_rows: int = 16, stream_min_bytes: int = 256 << 10):
+        super().__init__(desc)
         self.max_rows = max_rows
         self.max_col_vectors = max_col_vectors
         self.stream_pack = stream_pack
         self.stream_min_rows = stream_min_rows
         self.stream_min_bytes = stream_min_bytes
-
-    _gemv_rows = _gemv_rows_impl
 
     # ------------------------------------------------------------------------------------------
     def _apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
@@ -212,101 +354,38 @@ class Matmul(GuardedRule):
         infos = normalize_prim_func(sch)
         if infos is None:
             return None
-        reductions = [b for b in infos if not b.is_injective()]
-        if len(reductions) != 1 or any(set(b.dom_kind()) - {"S", "R"} for b in infos):
+        gemm = _match(sch, infos)
+        if gemm is None:
             return None
-        main = reductions[0]
-        main_rv = main.block_rv
-        stmt = sch.get(main_rv)
-        kind_of = _iter_kinds(stmt)
-        if kind_of is None:
-            return None
-        if any(_int(i.dom) is None for i in main.iters):
-            return None  # dynamic shapes: leave to the fallback
-        # the output must be contiguous along a column (J) axis so tiles store whole vectors
-        c_vars = _index_vars(stmt.writes[0].region)
-        if not c_vars or c_vars[-1] is None or kind_of.get(c_vars[-1]) != IterKind.kIter_J:
-            return None
-        b_vars = _index_vars(stmt.reads[1].region)
-        b_last = kind_of.get(b_vars[-1]) if b_vars and b_vars[-1] is not None else None
-        # B is [.., N, K]: pack column panels to [K, NR]
-        pack_b = (b_last == IterKind.kIter_K and len(b_vars) >= 2 and b_vars[-2] is not None
-                  and kind_of.get(b_vars[-2]) == IterKind.kIter_J)
-        b_buffer = stmt.reads[1].source
-
-        out_dtype = stmt.writes[0].source.dtype
-        lanes = vector_lanes(target, out_dtype)
-        nregs = 32 if vector_bits(target) >= 512 else 16
+        lanes = self.desc.vector_lanes(gemm.out_dtype)
 
         block_names = [sch.get(b.block_rv).name_hint for b in infos]
-        main_pos = block_names.index(stmt.name_hint)
-        producers = [b.block_rv for b in infos[:main_pos]]
-        consumers = [b.block_rv for b in infos[main_pos + 1 :]]
-
-        # -- 1. inline producers (input reshapes / transposes) -------------------------------------
-        leftover_producers = []
-        for p in reversed(producers):
-            try:
-                sch.compute_inline(p)
-            except Exception:  # pylint: disable=broad-except
-                leftover_producers.append(p)
-
-        # -- 2. inline the epilogue chain into its last blocks --------------------------------------
-        out_blocks = {sch.get(b).name_hint for b in sch.get_output_blocks(sch.get_sblock("root"))}
-        epilogue = []
-        for c in consumers:
-            name = sch.get(c).name_hint
-            if name in out_blocks:
-                epilogue.append(c)
-                continue
-            try:
-                sch.compute_inline(c)
-            except Exception:  # pylint: disable=broad-except
-                epilogue.append(c)
-
-        # -- 3. loop structure of the main block ----------------------------------------------------
-        loops = sch.get_loops(main_rv)
-        groups = {IterKind.kIter_S: [], IterKind.kIter_I: [], IterKind.kIter_J: [], IterKind.kIter_K: [],
-                  IterKind.kIter_T: []}
-        for it, lp in zip(main.iters, loops):
-            groups[kind_of[it.var]].append(lp)
-        # trivial (extent 1) loops go first, then S, I, J, K
-        order = groups[IterKind.kIter_T] + groups[IterKind.kIter_S] + groups[IterKind.kIter_I] + \
-            groups[IterKind.kIter_J] + groups[IterKind.kIter_K]
-        sch.reorder(*order)
-
-        def fuse(lps):
-            if not lps:
-                return None
-            return sch.fuse(*lps) if len(lps) > 1 else lps[0]
-
-        # Only the innermost I and J loops are tiled: fusing several I (or J) loops would make a
-        # tile straddle rows of the output, and the epilogue attached to the tile would then
-        # (over-approximated by a bounding box) touch elements the tile did not compute.
-        def ext(lp):
-            return _int(sch.get(lp).extent)
-
-        b_loops = groups[IterKind.kIter_T] + groups[IterKind.kIter_S]
-        i_loops, j_loops = groups[IterKind.kIter_I], groups[IterKind.kIter_J]
-        i_loop = i_loops[-1] if i_loops else None
-        i_outer = i_loops[:-1]
-        j_loop, j_outer = j_loops[-1], j_loops[:-1]
-        k_loop = fuse(groups[IterKind.kIter_K])
-        m = ext(i_loop) if i_loop is not None else 1
-        n = ext(j_loop)
-        macs = 1
-        for lp in b_loops + i_loops + j_loops + [k_loop]:
-            macs *= ext(lp)
-        m_total = macs // (n * ext(k_loop))
-        if pack_b and m_total == 1:
+        main_pos = block_names.index(gemm.stmt.name_hint)
+        leftover_producers = _inline_producers(sch, [b.block_rv for b in infos[:main_pos]])
+        epilogue = _inline_epilogue(sch, [b.block_rv for b in infos[main_pos + 1:]])
+        loops = _group_loops(sch, gemm)
+        if gemm.pack_b and loops.m_total == 1:
             # matmul-vector against an [N, K] matrix: a dot product per output; the Reduction
             # rule's row schedule (rows in parallel, K vectorised by rfactor) is the better kernel,
             # packing would copy all of B per call.
             from .reduction import Reduction
 
-            return Reduction().apply(func, target, False)
+            return Reduction(self.desc).apply(func, target, False)
 
-        # -- 4. micro-kernel shape -------------------------------------------------------------------
+        tile = self._choose_tile(loops.m, loops.n, lanes)
+        cores = self.desc.cores
+        if self._gemv(gemm, loops, tile):
+            self._gemv_rows(sch, gemm, loops, tile.vec, _chunks(loops.n // tile.vec, cores), epilogue, lanes)
+        else:
+            self._tiled(sch, gemm, loops, tile, self._stream(gemm, loops, tile), cores, epilogue, lanes)
+        for p in leftover_producers:
+            schedule_spatial_block(sch, p, self.desc)
+        return sch
+
+    # -- 1. micro-kernel shape -------------------------------------------------------------------
+    def _choose_tile(self, m: int, n: int, lanes: int) -> _Tile:
+        """Rows ``mr`` and ``nv`` column vectors of ``vec`` lanes for an ``m x n`` output."""
+        nregs = _tile_registers(self.desc)
         if m == 1:
             nv = self.max_col_vectors or 4
         else:
@@ -328,91 +407,119 @@ class Matmul(GuardedRule):
             while nv > 1 and n % (nv * vec) != 0:
                 nv -= 1
         max_mr = self.max_rows or max(1, min(8, (nregs - nv - 2) // nv))
-        mr = _pick_mr(m, max_mr)
+        return _Tile(_pick_mr(m, max_mr), nv, vec)
 
-        # Streamed packing of a large 2-D [K, N] B (weights): each core first copies its share of
-        # columns, reading whole row segments (prefetcher-friendly), into contiguous [K, NR] panels;
-        # the micro-kernel then reads panels sequentially. Reading B in place walks K rows with a
-        # stride of N floats per panel, which the hardware prefetchers do not follow across pages:
-        # measured 1.5x slower than hot when B is not in cache (as in a model, weights stream).
-        cores = _num_cores(target)
-        nr = nv * vec
-        stream = (self.stream_pack and not pack_b and len(b_vars) == 2 and not j_outer
-                  and b_vars[0] is not None and kind_of.get(b_vars[0]) == IterKind.kIter_K
-                  and b_vars[1] is not None and kind_of.get(b_vars[1]) == IterKind.kIter_J
-                  and not groups[IterKind.kIter_S] and m_total >= self.stream_min_rows
-                  and n * ext(k_loop) * 4 >= self.stream_min_bytes and n % nr == 0)
-        chunks = _chunks(n // nr if n % nr == 0 else 1, cores)
-        # Matmul-vector against a large [K, N] matrix: memory-bound, so B is read row by row (each
-        # core a contiguous segment of every row, prefetcher-friendly) into a per-core accumulator
-        # segment that stays in L1: loops ``j_chunk | k, j_vec_outer, j_vec``.
-        gemv = (self.stream_pack and m_total == 1 and not pack_b and len(b_vars) == 2
-                and b_vars[0] is not None and kind_of.get(b_vars[0]) == IterKind.kIter_K
-                and b_vars[1] is not None and kind_of.get(b_vars[1]) == IterKind.kIter_J
-                and not groups[IterKind.kIter_S] and not j_outer and n % vec == 0
-                and n * ext(k_loop) * 4 >= self.stream_min_bytes)
-        if gemv:
-            return self._gemv_rows(sch, main_rv, func, target, b_loops + i_loops, j_loop, k_loop, vec,
-                                   _chunks(n // vec, cores),
-                                   epilogue, lanes, leftover_producers, macs)
-        if i_loop is not None:
-            io, ii = sch.split(i_loop, factors=[None, mr])
+    # -- 2. how B is read ------------------------------------------------------------------------
+    def _stream(self, gemm: _Gemm, loops: _Loops, tile: _Tile) -> bool:
+        """Streamed packing of a large 2-D [K, N] B (weights): each core first copies its share of
+        columns, reading whole row segments (prefetcher-friendly), into contiguous [K, NR] panels; the
+        micro-kernel then reads panels sequentially. Reading B in place walks K rows with a stride of
+        N floats per panel, which the hardware prefetchers do not follow across pages: measured 1.5x
+        slower than hot when B is not in cache (as in a model, weights stream)."""
+        return (self.stream_pack and _b_is_k_by_n(gemm) and not loops.j_outer and not loops.batched
+                and loops.m_total >= self.stream_min_rows
+                and loops.n * loops.k * 4 >= self.stream_min_bytes and loops.n % tile.nr == 0)
+
+    def _gemv(self, gemm: _Gemm, loops: _Loops, tile: _Tile) -> bool:
+        """Matmul-vector against a large [K, N] matrix: memory-bound, so B is read row by row (each
+        core a contiguous segment of every row, prefetcher-friendly) into a per-core accumulator
+        segment that stays in L1: loops ``j_chunk | k, j_vec_outer, j_vec``."""
+        return (self.stream_pack and loops.m_total == 1 and _b_is_k_by_n(gemm) and not loops.batched
+                and not loops.j_outer and loops.n % tile.vec == 0
+                and loops.n * loops.k * 4 >= self.stream_min_bytes)
+
+    # -- 3. matmul-vector: columns per core, B row by row ----------------------------------------
+    def _gemv_rows(self, sch, gemm: _Gemm, loops: _Loops, vec: int, cores: int, epilogue: list, lanes: int):
+        unit_loops = loops.b_loops + loops.i_loops
+        jt, jo, jv = sch.split(loops.j_loop, factors=[cores, None, vec])
+        sch.reorder(*unit_loops, jt, loops.k_loop, jo, jv)
+        par = sch.fuse(*unit_loops, jt) if unit_loops else jt
+        if loops.macs >= PARALLEL_MIN_MACS:
+            sch.parallel(par)
+        attached = _attach_epilogue(sch, gemm.block, epilogue, par, self.desc)
+        sch.vectorize(jv)
+        sch.decompose_reduction(gemm.block, loops.k_loop)
+        for e in attached:
+            _vectorize_tail(sch, e, lanes, par)
+
+    # -- 4. register-tiled GEMM ------------------------------------------------------------------
+    def _tiled(self, sch, gemm: _Gemm, loops: _Loops, tile: _Tile, stream: bool, cores: int, epilogue: list,
+               lanes: int) -> None:
+        """Loop nest ``batch, J-outer, [j_chunk,] j_panel, I-outer, i_tile | k | i_inner, j_vec_outer,
+        j_vec``, B packed where it pays, the epilogue per tile, the accumulators in registers."""
+        outer, inner, jt, jo, io = self._split_tiles(sch, loops, tile, stream, cores)
+        par, tile_loop = self._pack_b(sch, gemm, loops, tile, stream, outer, jt, jo, io)
+        if loops.macs >= PARALLEL_MIN_MACS:
+            sch.parallel(par)
+        self._micro_kernel(sch, gemm, loops, inner, tile_loop, epilogue, lanes)
+
+    @staticmethod
+    def _split_tiles(sch, loops: _Loops, tile: _Tile, stream: bool, cores: int):
+        """Split the innermost I loop by ``mr`` and the innermost J loop by ``nv x vec`` (first into
+        per-core chunks when streaming B) and reorder ``outer | k | inner``. Returns the outer loops,
+        the inner ones and the chunk, panel and row-tile loops (None where absent)."""
+        if loops.i_loop is not None:
+            io, ii = sch.split(loops.i_loop, factors=[None, tile.mr])
         else:
             io = ii = None
         jt = None
         if stream:
-            jt, jo, jv1, jv = sch.split(j_loop, factors=[chunks, None, nv, vec])
-        elif nv > 1:
-            jo, jv1, jv = sch.split(j_loop, factors=[None, nv, vec])
+            chunks = _chunks(loops.n // tile.nr if loops.n % tile.nr == 0 else 1, cores)
+            jt, jo, jv1, jv = sch.split(loops.j_loop, factors=[chunks, None, tile.nv, tile.vec])
+        elif tile.nv > 1:
+            jo, jv1, jv = sch.split(loops.j_loop, factors=[None, tile.nv, tile.vec])
         else:
-            jo, jv = sch.split(j_loop, factors=[None, vec])
+            jo, jv = sch.split(loops.j_loop, factors=[None, tile.vec])
             jv1 = None
         inner = [x for x in (ii, jv1, jv) if x is not None]
-        outer = b_loops + j_outer + ([jt] if jt is not None else []) + [jo] + i_outer + ([io] if io is not None else [])
-        sch.reorder(*outer, k_loop, *inner)
+        outer = loops.b_loops + loops.j_outer + ([jt] if jt is not None else []) + [jo] + loops.i_outer + \
+            ([io] if io is not None else [])
+        sch.reorder(*outer, loops.k_loop, *inner)
+        return outer, inner, jt, jo, io
 
-        # -- 5. pack B column panels when B is [N, K] -------------------------------------------------
+    @staticmethod
+    def _pack_b(sch, gemm: _Gemm, loops: _Loops, tile: _Tile, stream: bool, outer: list, jt, jo, io):
+        """Pack B where it pays (streamed [K, N] panels per core, or [N, K] column panels) and fuse the
+        parallel loop. Returns (parallel loop, loop the tile's epilogue is attached under)."""
         if stream:
-            par = fuse(b_loops + [jt])
-            tile_loop = fuse([jo] + i_outer + ([io] if io is not None else []))
-            b_idx = [i for i, r in enumerate(stmt.reads) if r.source.same_as(b_buffer)][0]
-            packed = sch.cache_read(main_rv, b_idx, "global")
+            par = _fuse(sch, loops.b_loops + [jt])
+            tile_loop = _fuse(sch, [jo] + loops.i_outer + ([io] if io is not None else []))
+            nr, vec = tile.nr, tile.vec
+            b_idx = [i for i, r in enumerate(gemm.stmt.reads) if r.source.same_as(gemm.b_buffer)][0]
+            packed = sch.cache_read(gemm.block, b_idx, "global")
             sch.transform_layout(packed, ("write", 0), lambda k, j: (j // nr, k, j % nr))
             sch.compute_at(packed, par, preserve_unit_loops=True)
             plps = sch.get_loops(packed)
             _, pv = sch.split(plps[-1], factors=[None, vec])
             sch.vectorize(pv)
-        elif pack_b:
-            panel = b_loops + j_outer + [jo]
-            par = fuse(panel)
-            tile_loop = fuse(i_outer + [io]) if io is not None else par
-            b_idx = [i for i, r in enumerate(stmt.reads) if r.source.same_as(b_buffer)][0]
-            packed = sch.cache_read(main_rv, b_idx, "global")
-            nd = len(b_buffer.shape)
+        elif gemm.pack_b:
+            panel = loops.b_loops + loops.j_outer + [jo]
+            par = _fuse(sch, panel)
+            tile_loop = _fuse(sch, loops.i_outer + [io]) if io is not None else par
+            b_idx = [i for i, r in enumerate(gemm.stmt.reads) if r.source.same_as(gemm.b_buffer)][0]
+            packed = sch.cache_read(gemm.block, b_idx, "global")
+            nd = len(gemm.b_buffer.shape)
             sch.transform_layout(packed, ("write", 0),
                                  tirx.IndexMap.from_func(lambda *ax: (*ax[:-2], ax[-1], ax[-2]), ndim=nd))
             sch.compute_at(packed, par, preserve_unit_loops=True)
         else:
-            par = fuse(outer)
+            par = _fuse(sch, outer)
             tile_loop = par
-        if macs >= PARALLEL_MIN_MACS:
-            sch.parallel(par)
+        return par, tile_loop
 
-        # -- 6. accumulator tile in registers --------------------------------------------------------
-        attached = _attach_epilogue(sch, main_rv, epilogue, tile_loop, target)
-
+    def _micro_kernel(self, sch, gemm: _Gemm, loops: _Loops, inner: list, tile_loop, epilogue: list,
+                      lanes: int) -> None:
+        """The accumulator tile in registers: the epilogue computed per tile, the inner loops unrolled
+        and vectorised, the init split off, the epilogue's inner loop vectorised."""
+        attached = _attach_epilogue(sch, gemm.block, epilogue, tile_loop, self.desc)
         # vectorise / unroll before decompose_reduction: the primitives need the block to still be
         # a complete reduction; the init block copies the loop kinds.
         sch.vectorize(inner[-1])
         for lp in inner[:-1]:
             sch.unroll(lp)
-        sch.decompose_reduction(main_rv, k_loop)
-
+        sch.decompose_reduction(gemm.block, loops.k_loop)
         for e in attached:
             _vectorize_tail(sch, e, lanes, tile_loop)
-        for p in leftover_producers:
-            schedule_spatial_block(sch, p, target)
-        return sch
 
 
 def _vectorize_tail(sch: s_tir.Schedule, block, lanes: int, tile_loop) -> None:

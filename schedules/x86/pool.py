@@ -26,7 +26,9 @@ from tvm import s_tir, tirx
 from tvm.target import Target
 from tvm.s_tir.dlight import ScheduleRule
 
-from .conv import _as_int, lane_divisor, load_buffer, schedule_epilogue_vector, vector_lanes
+from targets import TargetDescription
+
+from .conv import _as_int, lane_divisor, load_buffer, schedule_epilogue_vector
 
 
 def _window_kinds(sch: s_tir.Schedule, block) -> int | None:
@@ -75,7 +77,10 @@ def _is_pool_block(sch: s_tir.Schedule, block) -> bool:
 
 
 class Pool(ScheduleRule):
-    """Parallel, vectorised window reductions (max/avg/adaptive/global pooling)."""
+    """Parallel, vectorised window reductions (max/avg/adaptive/global pooling); vector lanes from ``desc``."""
+
+    def __init__(self, desc: TargetDescription):
+        self.desc = desc
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):  # noqa: D102
         if not isinstance(func, tirx.PrimFunc) or target is None or target.kind.name != "llvm":
@@ -98,8 +103,7 @@ class Pool(ScheduleRule):
             if any(int(iv.iter_type) != 0 for iv in sch.get(b).iter_vars):
                 return None
         stmt = sch.get(red)
-        dtype_bits = int(load_buffer(stmt.writes[0]).dtype.bits)
-        lanes = vector_lanes(target, dtype_bits)
+        lanes = self.desc.vector_lanes(str(load_buffer(stmt.writes[0]).dtype))
 
         # padding (and any other producer) inlined into the window loads
         for b in reversed(before):

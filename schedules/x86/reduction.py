@@ -38,7 +38,7 @@ import logging
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-from .elementwise import GuardedRule, PARALLEL_MIN_ELEMENTS, schedule_spatial_block, vector_lanes
+from .elementwise import GuardedRule, PARALLEL_MIN_ELEMENTS, schedule_spatial_block
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,8 @@ class Reduction(GuardedRule):
         reductions = [b for b in infos if not b.is_injective()]
         # column reduction: a single reduction over axes that are not innermost in its input
         if len(reductions) == 1 and self._is_column(sch, reductions[0]):
-            return self._column(sch, infos, reductions[0], target)
-        return self._rows(sch, infos, target)
+            return self._column(sch, infos, reductions[0])
+        return self._rows(sch, infos)
 
     @staticmethod
     def _simplify(sch, infos):
@@ -117,7 +117,7 @@ class Reduction(GuardedRule):
                 pass
 
     # -- row reductions -------------------------------------------------------------------------
-    def _rows(self, sch, infos, target):
+    def _rows(self, sch, infos):
         kinds = [b.dom_kind() for b in infos]
         for k in kinds:
             if not k or k[0] != "S":
@@ -142,7 +142,7 @@ class Reduction(GuardedRule):
                 plan.append((b.name, "S"))
                 continue
             dtype = sch.get(b.block_rv).writes[0].source.dtype
-            lanes = vector_lanes(target, dtype)
+            lanes = self.desc.vector_lanes(dtype)
             lps = sch.get_loops(b.block_rv)
             rloops = lps[_lead_s(b.dom_kind()):]
             r = sch.fuse(*rloops) if len(rloops) > 1 else rloops[0]
@@ -177,7 +177,7 @@ class Reduction(GuardedRule):
             if not lps:
                 continue
             dtype = sch.get(blk).writes[0].source.dtype
-            lanes = vector_lanes(target, dtype)
+            lanes = self.desc.vector_lanes(dtype)
             if kind in ("RF", "WB") and len(lps) > 1:
                 # compute_at lays loops out in block-iter order, where rfactor put the factored
                 # (vector) axis first: make it innermost
@@ -212,7 +212,7 @@ class Reduction(GuardedRule):
                 return True
         return False
 
-    def _column(self, sch, infos, red, target):
+    def _column(self, sch, infos, red):
         stmt = sch.get(red.block_rv)
         kind_of = {it.var: it.kind for it in red.iters}
         # the contiguous spatial axis (last index of the biggest read)
@@ -236,7 +236,7 @@ class Reduction(GuardedRule):
                 r_loops.append(lp)
         sch.reorder(*s_loops, *r_loops, v_loop)
         dtype = stmt.writes[0].source.dtype
-        lanes = vector_lanes(target, dtype)
+        lanes = self.desc.vector_lanes(dtype)
         vext = _int(sch.get(v_loop).extent)
         vec = lanes if vext % lanes == 0 else _pow2_divisor(vext, lanes)
         if vec <= 1:
@@ -268,7 +268,7 @@ class Reduction(GuardedRule):
                 except Exception:  # pylint: disable=broad-except
                     attached = False
             if not attached:
-                schedule_spatial_block(sch, c, target)
+                schedule_spatial_block(sch, c, self.desc)
         return sch
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from .conv import lane_divisor, vector_lanes
+from .conv import lane_divisor
 from .elementwise import GuardedRule, schedule_spatial_block
 
 
@@ -42,13 +42,13 @@ class WinogradTransform(GuardedRule):
 
     def _apply(self, func, target):
         sch = s_tir.Schedule(func)
-        lanes = vector_lanes(target)
+        lanes = self.desc.vector_lanes("float32")
         block, _ = _find(sch, "winograd_input")
         if block is not None:
             return self._input(sch, block, lanes)
         block, name = _find(sch, "winograd_output_m")
         if block is not None:
-            return self._output(sch, block, target, lanes, int(name[len("winograd_output_m"):]))
+            return self._output(sch, block, self.desc, lanes, int(name[len("winograd_output_m"):]))
         return None
 
     @staticmethod
@@ -67,7 +67,7 @@ class WinogradTransform(GuardedRule):
         return sch
 
     @staticmethod
-    def _output(sch, block, target, lanes, m):
+    def _output(sch, block, desc, lanes, m):
         # The transform writes each m x m x L output tile into a local buffer (``cache_write``); the
         # copy out of it carries the convolution's epilogue (bias, ReLU/SiLU, residual add, fused in
         # by FuseOps: intermediates inlined into the last block, which is inlined into the copy) and
@@ -100,7 +100,7 @@ class WinogradTransform(GuardedRule):
         sch.reverse_compute_at(copy, ko)
         sch.vectorize(sch.get_loops(copy)[-1])
         for other in leftover:
-            schedule_spatial_block(sch, other, target)
+            schedule_spatial_block(sch, other, desc)
         return sch
 
 
