@@ -290,20 +290,23 @@ def write_json(path: Path, data) -> None:
     _atomic_write(Path(path), [json.dumps(data, indent=1, sort_keys=True).encode()])
 
 
+def _read_table(work: Path, name: str, key: str) -> dict[str, dict]:
+    """The ``{key: {...}}`` table of the JSON file ``name`` in ``work`` ({} when absent)."""
+    data = read_json(Path(work) / name, {})
+    table = data.get(key, {}) if isinstance(data, dict) else None
+    if not isinstance(table, dict):
+        raise TuningError(f"tuning log {Path(work) / name} is corrupt (expected {{'{key}': {{...}}}})")
+    return table
+
+
 def read_defaults(work: Path) -> dict[str, dict]:
-    data = read_json(Path(work) / DEFAULTS_FILE, {})
-    workloads = data.get("workloads", {}) if isinstance(data, dict) else None
-    if not isinstance(workloads, dict):
-        raise TuningError(f"tuning log {Path(work) / DEFAULTS_FILE} is corrupt (expected {{'workloads': {{...}}}})")
-    return workloads
+    """Per workload hash, its default schedule's latency and trace (``defaults.json``)."""
+    return _read_table(work, DEFAULTS_FILE, "workloads")
 
 
 def read_models(work: Path) -> dict[str, dict]:
-    data = read_json(Path(work) / MODELS_FILE, {})
-    models = data.get("models", {}) if isinstance(data, dict) else None
-    if not isinstance(models, dict):
-        raise TuningError(f"tuning log {Path(work) / MODELS_FILE} is corrupt (expected {{'models': {{...}}}})")
-    return models
+    """Per model name, its tasks (``models.json``)."""
+    return _read_table(work, MODELS_FILE, "models")
 
 
 def record_model(work: Path, model: str, tasks: list[tuple[str, str, float]]) -> None:
