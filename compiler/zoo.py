@@ -23,6 +23,9 @@ lstm          (1, 10, 16)                    1-layer LSTM (hidden 32, batch_firs
 mlp           (1, 64)                        Linear-GELU-Linear-ReLU-Linear -> (1, 10)
 mobilenetv2   (1, 3, 224, 224)               MobileNetV2, width 1.0, ReLU6 -> (1, 1000)
 resnet18      (1, 3, 224, 224)               ResNet-18 (BasicBlock [2, 2, 2, 2]) -> (1, 1000)
+rnet          (1, 3, 24, 24)                 MTCNN R-Net face-detection stage: conv/PReLU/max-pool
+                                             x3, Linear-PReLU -> face probability (1, 2) and
+                                             box regression (1, 4)
 tiny_cnn      (1, 3, 32, 32)                 conv-bn-relu x3 (one depthwise, one strided),
                                              residual add, global avgpool, Linear -> (1, 10)
 yolo          (1, 3, 320, 320)               YOLOv8n: Conv/C2f/SPPF backbone, PAN neck,
@@ -191,6 +194,27 @@ class LSTMHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out, _ = self.lstm(x)
         return self.fc(out[:, -1])
+
+
+class RNet(nn.Module):
+    """A face-detection cascade stage (MTCNN's R-Net): 24x24 crops through conv/PReLU/max-pool and a
+    dense layer; a face probability (softmax over two classes) and a box regression. Tiny (3 MFLOP): its
+    latency is mostly the fixed cost of a call, which is what it is in the zoo to show."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 28, 3), nn.PReLU(28), nn.MaxPool2d(3, 2, ceil_mode=True),
+            nn.Conv2d(28, 48, 3), nn.PReLU(48), nn.MaxPool2d(3, 2, ceil_mode=True),
+            nn.Conv2d(48, 64, 2), nn.PReLU(64),
+        )
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(64 * 3 * 3, 128), nn.PReLU(128))
+        self.cls = nn.Linear(128, 2)
+        self.box = nn.Linear(128, 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.fc(self.body(x))
+        return torch.softmax(self.cls(h), dim=1), self.box(h)
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,6 +599,7 @@ _MODELS: dict[str, _Entry] = {
     "mlp": _Entry(_plain(MLP), lambda gen: (torch.randn(1, 64, generator=gen),)),
     "mobilenetv2": _Entry(_plain(MobileNetV2), _image(224)),
     "resnet18": _Entry(_plain(ResNet18), _image(224)),
+    "rnet": _Entry(_plain(RNet), _image(24)),
     "tiny_cnn": _Entry(_plain(TinyCNN), _image(32)),
     "yolo": _Entry(_plain(YOLOv8n), _image(320)),
 }

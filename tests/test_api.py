@@ -128,6 +128,44 @@ def test_multiple_inputs_and_outputs():
     assert_close(mod.run(a2.numpy(), **{names[1]: b2.numpy()}), want)
 
 
+class PassThrough(torch.nn.Module):
+    """Outputs that the compiled code may return as its input's own memory (a reshape) or a view."""
+
+    def forward(self, x):
+        return x.reshape(2, 6), x * 2.0
+
+
+def test_repeated_calls_return_independent_results():
+    """Calls reuse their input tensors: each call's outputs must be its own, later calls must not
+    change results already returned, and returned arrays are writable copies."""
+    mod = compiler.compile(PassThrough().eval(), example_inputs=(torch.zeros(3, 4),))
+    xs = [np.random.default_rng(i).standard_normal((3, 4)).astype(np.float32) for i in range(3)]
+    results = [mod(x) for x in xs]
+    kept = [tuple(r.copy() for r in res) for res in results]
+    for x, (flat, double) in zip(xs, results):
+        np.testing.assert_array_equal(flat, x.reshape(2, 6))
+        np.testing.assert_array_equal(double, x * 2.0)
+    flat, _ = results[0]
+    flat[...] = 7.0  # the caller owns the array
+    np.testing.assert_array_equal(mod(xs[1])[0], xs[1].reshape(2, 6))
+    np.testing.assert_array_equal(mod(xs[0])[1], xs[0] * 2.0)
+    for got, want in zip(results[1:], kept[1:]):  # later calls left earlier results alone
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+
+
+def test_non_contiguous_and_other_dtype_inputs(compiled_zoo):
+    model, inputs = zoo_model("tiny_cnn")
+    mod = compiled_zoo("tiny_cnn")
+    (x,) = numpy_inputs(_other_inputs(inputs, seed=22))
+    want = mod(x)
+    strided = np.asfortranarray(x)
+    assert not strided.flags.c_contiguous
+    np.testing.assert_array_equal(mod(strided), want)
+    np.testing.assert_array_equal(mod(torch.from_numpy(x)), want)
+    assert_close(mod(x.astype(np.float64)), want)
+
+
 def test_benchmark_stats(compiled_zoo):
     mod = compiled_zoo("tiny_cnn")
     res = mod.benchmark(repeat=5)
@@ -267,6 +305,7 @@ def test_export_and_load(compiled_zoo, tiny_cnn_so, tmp_path):
     proc = run_fresh_python(_FRESH_RUN, str(tiny_cnn_so), str(tmp_path / "x.npy"), str(tmp_path / "y.npy"))
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), want)
     assert "conv2d" in proc.stdout
+    assert "Warning" not in proc.stderr, proc.stderr  # TVM's "Scope Loaded" log stays out of the console
 
 
 def test_export_overwrites_and_creates_dirs(compiled_zoo, tmp_path):

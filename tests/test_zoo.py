@@ -14,6 +14,7 @@ EXPECTED_INPUTS = {
     "mlp": [((1, 64), torch.float32)],
     "mobilenetv2": [((1, 3, 224, 224), torch.float32)],
     "resnet18": [((1, 3, 224, 224), torch.float32)],
+    "rnet": [((1, 3, 24, 24), torch.float32)],
     "tiny_cnn": [((1, 3, 32, 32), torch.float32)],
     "yolo": [((1, 3, 320, 320), torch.float32)],
 }
@@ -23,6 +24,7 @@ EXPECTED_OUTPUT = {
     "mlp": (1, 10),
     "mobilenetv2": (1, 1000),
     "resnet18": (1, 1000),
+    "rnet": [(1, 2), (1, 4)],
     "tiny_cnn": (1, 10),
     "yolo": (1, 84, 2100),
 }
@@ -34,8 +36,16 @@ def loaded() -> dict[str, tuple[torch.nn.Module, tuple[torch.Tensor, ...]]]:
 
 
 def _run(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The model's output; the outputs flattened and concatenated for a model with several."""
     with torch.no_grad():
-        return model(*inputs)
+        out = model(*inputs)
+    return out if isinstance(out, torch.Tensor) else torch.cat([o.flatten() for o in out])
+
+
+def _shapes(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]):
+    with torch.no_grad():
+        out = model(*inputs)
+    return tuple(out.shape) if isinstance(out, torch.Tensor) else [tuple(o.shape) for o in out]
 
 
 def _other_inputs(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -59,7 +69,7 @@ def test_loads_in_eval_mode_with_expected_inputs(name: str, loaded) -> None:
     assert isinstance(model, torch.nn.Module)
     assert not any(m.training for m in model.modules())
     assert [(tuple(x.shape), x.dtype) for x in inputs] == EXPECTED_INPUTS[name]
-    assert tuple(_run(model, inputs).shape) == EXPECTED_OUTPUT[name]
+    assert _shapes(model, inputs) == EXPECTED_OUTPUT[name]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_INPUTS))
