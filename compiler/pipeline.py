@@ -121,6 +121,8 @@ def prepare(mod: tvm.IRModule, target: TargetDescription) -> tvm.IRModule:
         relax.transform.FoldConstant(),
         graph_passes.FoldAffineIntoConv,
         relax.transform.FoldConstant(),
+        graph_passes.PReLUFromWhere,
+        relax.transform.DeadCodeElimination(),
     ]
     tail = [relax.transform.DeadCodeElimination(), relax.transform.CanonicalizeBindings()]
     with target.to_tvm():

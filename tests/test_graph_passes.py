@@ -234,3 +234,42 @@ def test_schedule_does_not_modify_its_input():
     scheduled = pipeline.schedule(fused, d)
     assert tvm_ffi.structural_hash(fused) == before
     assert tvm_ffi.structural_hash(scheduled) != before
+
+
+# ---------------------------------------------------------------- PReLUFromWhere
+
+
+class ConvPReLU(nn.Module):
+    def __init__(self, shared: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3)
+        self.act = nn.PReLU() if shared else nn.PReLU(12)
+        with torch.no_grad():  # slopes that differ per channel and from PyTorch's 0.25
+            self.act.weight.copy_(torch.linspace(-0.5, 0.9, self.act.weight.numel()))
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-channel", "shared"])
+def test_prelu_from_torch_fuses_into_its_conv(shared):
+    """torch.export's prelu (where(x > 0, x, alpha * x)) becomes nn.prelu and fuses into the conv:
+    one kernel, no transposes around it, PyTorch's numbers, NaN kept."""
+    torch.manual_seed(0)
+    model = ConvPReLU(shared).eval()
+    x = torch.randn(1, 3, 16, 16)
+    prepared = pipeline.prepare(import_model(model, example_inputs=(x,)).mod, targets.get("x86"))
+    ops = {row.op for row in layer_table(prepared)}
+    assert "nn.prelu" in ops and not ops & {"where", "greater"}, ops
+    mod = compiler.compile(model, example_inputs=(x,))
+    kernels = mod.summary().kernels
+    assert len([k for k in kernels if "conv2d" in k.name]) == 1
+    assert any("conv2d" in k.name and "prelu" in k.name for k in kernels), [k.name for k in kernels]
+    # the only transposes are the model's own NCHW input and output (before: six more around the PReLU)
+    assert sum("transpose" in k.name for k in kernels) == 2, [k.name for k in kernels]
+    x2 = torch.randn(1, 3, 16, 16)
+    assert_close(mod(x2.numpy()), run_torch(model, (x2,)))
+    x2[0, 0, 5, 5] = float("nan")
+    got, want = mod(x2.numpy()), np.asarray(run_torch(model, (x2,)))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(got).any()
