@@ -18,18 +18,27 @@ name          inputs                         architecture
 bert          input_ids int64 (1, 128)       6-layer post-LN BERT encoder, hidden 384, 6 heads,
                                              FFN 1536, exact (erf) GELU, vocab 8192; output is
                                              the last hidden state (1, 128, 384)
+efficientnet  (1, 3, 224, 224)               EfficientNet-B0's seven MBConv stages (SiLU,
+                                             squeeze-excitation), one block each -> (1, 1000)
 lstm          (1, 10, 16)                    1-layer LSTM (hidden 32, batch_first) + Linear on
                                              the last step -> (1, 10)
 mlp           (1, 64)                        Linear-GELU-Linear-ReLU-Linear -> (1, 10)
 mobilenetv2   (1, 3, 224, 224)               MobileNetV2, width 1.0, ReLU6 -> (1, 1000)
+mobilenetv3   (1, 3, 224, 224)               MobileNetV3-Small: hard-swish, squeeze-excitation
+                                             with hard-sigmoid gates -> (1, 1000)
 resnet18      (1, 3, 224, 224)               ResNet-18 (BasicBlock [2, 2, 2, 2]) -> (1, 1000)
 rnet          (1, 3, 24, 24)                 MTCNN R-Net face-detection stage: conv/PReLU/max-pool
                                              x3, Linear-PReLU -> face probability (1, 2) and
                                              box regression (1, 4)
 tiny_cnn      (1, 3, 32, 32)                 conv-bn-relu x3 (one depthwise, one strided),
                                              residual add, global avgpool, Linear -> (1, 10)
+vit           (1, 3, 224, 224)               ViT-Tiny-style: 16x16 patch embedding, class token,
+                                             position embedding, 2 pre-norm GELU encoder layers
+                                             (nn.TransformerEncoder, 192 wide, 3 heads) -> (1, 1000)
 yolo          (1, 3, 320, 320)               YOLOv8n: Conv/C2f/SPPF backbone, PAN neck,
                                              decoupled head with DFL decode -> (1, 84, 2100)
+yolo11        (1, 3, 320, 320)               YOLO11n: C3k2 backbone, SPPF, C2PSA attention, PAN
+                                             neck, head with depthwise class branch -> (1, 84, 2100)
 ============  =============================  ==================================================
 """
 
@@ -336,13 +345,13 @@ class MobileNetV2(nn.Module):
 
 
 class Conv(nn.Module):
-    """Conv2d (no bias) + BatchNorm + SiLU, 'same' padding."""
+    """Conv2d (no bias) + BatchNorm + SiLU (or no activation), 'same' padding."""
 
-    def __init__(self, c_in: int, c_out: int, k: int = 1, stride: int = 1):
+    def __init__(self, c_in: int, c_out: int, k: int = 1, stride: int = 1, groups: int = 1, act: bool = True):
         super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, k, stride, k // 2, bias=False)
+        self.conv = nn.Conv2d(c_in, c_out, k, stride, k // 2, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(c_out)
-        self.act = nn.SiLU(inplace=True)
+        self.act = nn.SiLU(inplace=True) if act else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.bn(self.conv(x)))
@@ -490,6 +499,292 @@ class YOLOv8n(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# YOLO11n: C3k2 blocks, C2PSA attention after SPPF, depthwise classification head
+# --------------------------------------------------------------------------------------------
+
+
+class Bottleneck11(nn.Module):
+    """Ultralytics' bottleneck: 3x3 Conv to ``e * c_out`` channels, 3x3 Conv back, residual add."""
+
+    def __init__(self, c_in: int, c_out: int, shortcut: bool = True, e: float = 0.5):
+        super().__init__()
+        c_mid = int(c_out * e)
+        self.cv1 = Conv(c_in, c_mid, 3)
+        self.cv2 = Conv(c_mid, c_out, 3)
+        self.add = shortcut and c_in == c_out
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.cv2(self.cv1(x))
+        return x + y if self.add else y
+
+
+class C3k(nn.Module):
+    """CSP block with two branches, ``n`` full-width bottlenecks on one of them."""
+
+    def __init__(self, c_in: int, c_out: int, n: int = 2, shortcut: bool = True, e: float = 0.5):
+        super().__init__()
+        c_mid = int(c_out * e)
+        self.cv1 = Conv(c_in, c_mid, 1)
+        self.cv2 = Conv(c_in, c_mid, 1)
+        self.cv3 = Conv(2 * c_mid, c_out, 1)
+        self.m = nn.Sequential(*(Bottleneck11(c_mid, c_mid, shortcut, e=1.0) for _ in range(n)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
+
+
+class C3k2(nn.Module):
+    """YOLO11's C2f variant: split, chain ``n`` bottlenecks (or C3k blocks), concat every stage."""
+
+    def __init__(self, c_in: int, c_out: int, n: int = 1, c3k: bool = False, e: float = 0.5):
+        super().__init__()
+        self.c = int(c_out * e)
+        self.cv1 = Conv(c_in, 2 * self.c, 1)
+        self.cv2 = Conv((2 + n) * self.c, c_out, 1)
+        self.m = nn.ModuleList(C3k(self.c, self.c, 2) if c3k else Bottleneck11(self.c, self.c) for _ in range(n))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = list(self.cv1(x).split((self.c, self.c), 1))
+        for m in self.m:
+            y.append(m(y[-1]))
+        return self.cv2(torch.cat(y, 1))
+
+
+class PositionAttention(nn.Module):
+    """YOLO11's attention over the pixels of a feature map: q, k, v from one 1x1 Conv, softmax over
+    positions, plus a depthwise 3x3 positional encoding of v."""
+
+    def __init__(self, dim: int, num_heads: int, attn_ratio: float = 0.5):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.key_dim = int(self.head_dim * attn_ratio)
+        self.scale = self.key_dim ** -0.5
+        self.qkv = Conv(dim, dim + 2 * self.key_dim * num_heads, 1, act=False)
+        self.proj = Conv(dim, dim, 1, act=False)
+        self.pe = Conv(dim, dim, 3, groups=dim, act=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).view(b, self.num_heads, 2 * self.key_dim + self.head_dim, h * w).split(
+            (self.key_dim, self.key_dim, self.head_dim), 2)
+        attn = ((q.transpose(-2, -1) @ k) * self.scale).softmax(-1)
+        y = (v @ attn.transpose(-2, -1)).view(b, c, h, w) + self.pe(v.reshape(b, c, h, w))
+        return self.proj(y)
+
+
+class C2PSA(nn.Module):
+    """Split the channels; one half through ``n`` attention + feed-forward blocks with residuals."""
+
+    def __init__(self, c: int, n: int = 1):
+        super().__init__()
+        self.c = c // 2
+        self.cv1 = Conv(c, 2 * self.c, 1)
+        self.cv2 = Conv(2 * self.c, c, 1)
+        self.attn = nn.ModuleList(PositionAttention(self.c, max(1, self.c // 64)) for _ in range(n))
+        self.ffn = nn.ModuleList(nn.Sequential(Conv(self.c, 2 * self.c, 1), Conv(2 * self.c, self.c, 1, act=False))
+                                 for _ in range(n))
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.cv1(x).split((self.c, self.c), 1)
+        for attn, ffn in zip(self.attn, self.ffn):
+            b = b + attn(b)
+            b = b + ffn(b)
+        return self.cv2(torch.cat((a, b), 1))
+
+
+class Detect11(Detect):
+    """YOLO11's head: YOLOv8's, with depthwise-separable convolutions in the classification branch."""
+
+    def __init__(self, num_classes: int, channels: Sequence[int], strides: Sequence[int], image_size: int):
+        super().__init__(num_classes, channels, strides, image_size)
+        c3 = max(channels[0], min(num_classes, 100))
+        self.cv3 = nn.ModuleList(
+            nn.Sequential(Conv(c, c, 3, groups=c), Conv(c, c3, 1), Conv(c3, c3, 3, groups=c3), Conv(c3, c3, 1),
+                          nn.Conv2d(c3, num_classes, 1))
+            for c in channels
+        )
+
+
+class YOLO11n(nn.Module):
+    """YOLO11n detector (width 0.25, depth 0.5): C3k2 backbone, SPPF, C2PSA, PAN neck, 3-scale head."""
+
+    def __init__(self, num_classes: int = 80, image_size: int = 320):
+        super().__init__()
+        self.b0 = Conv(3, 16, 3, 2)  # P1/2
+        self.b1 = Conv(16, 32, 3, 2)  # P2/4
+        self.b2 = C3k2(32, 64, 1, False, 0.25)
+        self.b3 = Conv(64, 64, 3, 2)  # P3/8
+        self.b4 = C3k2(64, 128, 1, False, 0.25)
+        self.b5 = Conv(128, 128, 3, 2)  # P4/16
+        self.b6 = C3k2(128, 128, 1, True)
+        self.b7 = Conv(128, 256, 3, 2)  # P5/32
+        self.b8 = C3k2(256, 256, 1, True)
+        self.b9 = SPPF(256, 256, 5)
+        self.b10 = C2PSA(256, 1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.h13 = C3k2(256 + 128, 128, 1, False)
+        self.h16 = C3k2(128 + 128, 64, 1, False)  # P3 out
+        self.h17 = Conv(64, 64, 3, 2)
+        self.h19 = C3k2(64 + 128, 128, 1, False)  # P4 out
+        self.h20 = Conv(128, 128, 3, 2)
+        self.h22 = C3k2(128 + 256, 256, 1, True)  # P5 out
+        self.detect = Detect11(num_classes, (64, 128, 256), (8, 16, 32), image_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        p3 = self.b4(self.b3(self.b2(self.b1(self.b0(x)))))
+        p4 = self.b6(self.b5(p3))
+        p5 = self.b10(self.b9(self.b8(self.b7(p4))))
+        n4 = self.h13(torch.cat((self.up(p5), p4), 1))
+        o3 = self.h16(torch.cat((self.up(n4), p3), 1))
+        o4 = self.h19(torch.cat((self.h17(o3), n4), 1))
+        o5 = self.h22(torch.cat((self.h20(o4), p5), 1))
+        return self.detect((o3, o4, o5))
+
+
+# --------------------------------------------------------------------------------------------
+# MobileNetV3-Small and EfficientNet-B0: squeeze-excitation, hard-swish, SiLU
+# --------------------------------------------------------------------------------------------
+
+
+def _divisible(v: float, divisor: int = 8) -> int:
+    """``v`` rounded to a multiple of ``divisor``, not below 90 % of ``v`` (the MobileNet convention)."""
+    out = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * v else out
+
+
+class SqueezeExcite(nn.Module):
+    """Global average pool, a bottleneck of two 1x1 convolutions, a gate that scales the channels."""
+
+    def __init__(self, c: int, c_squeeze: int, act: type[nn.Module], gate: type[nn.Module]):
+        super().__init__()
+        self.fc1 = nn.Conv2d(c, c_squeeze, 1)
+        self.act = act()
+        self.fc2 = nn.Conv2d(c_squeeze, c, 1)
+        self.gate = gate()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gate(self.fc2(self.act(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+
+
+def _conv_bn_act(c_in: int, c_out: int, k: int, stride: int, act: type[nn.Module] | None,
+                 groups: int = 1) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, k, stride, k // 2, groups=groups, bias=False),
+                               nn.BatchNorm2d(c_out)]
+    if act is not None:
+        layers.append(act())
+    return nn.Sequential(*layers)
+
+
+class MBConv(nn.Module):
+    """Inverted residual with squeeze-excitation: 1x1 expand, kxk depthwise, SE, 1x1 project, residual
+    add when the shape allows (MobileNetV3's and EfficientNet's block)."""
+
+    def __init__(self, c_in: int, k: int, c_exp: int, c_out: int, stride: int, act: type[nn.Module],
+                 c_squeeze: int | None, gate: type[nn.Module]):
+        super().__init__()
+        layers: list[nn.Module] = []
+        if c_exp != c_in:
+            layers.append(_conv_bn_act(c_in, c_exp, 1, 1, act))
+        layers.append(_conv_bn_act(c_exp, c_exp, k, stride, act, groups=c_exp))
+        if c_squeeze:
+            layers.append(SqueezeExcite(c_exp, c_squeeze, nn.ReLU if act is nn.Hardswish or act is nn.ReLU else act,
+                                        gate))
+        layers.append(_conv_bn_act(c_exp, c_out, 1, 1, None))
+        self.block = nn.Sequential(*layers)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.block(x)
+        return x + y if self.residual else y
+
+
+class MobileNetV3Small(nn.Module):
+    """MobileNetV3-Small (width 1.0): hard-swish, squeeze-excitation with hard-sigmoid gates."""
+
+    # kernel, expanded channels, out channels, SE, activation ("RE" ReLU, "HS" hard-swish), stride
+    CONFIG = ((3, 16, 16, True, "RE", 2), (3, 72, 24, False, "RE", 2), (3, 88, 24, False, "RE", 1),
+              (5, 96, 40, True, "HS", 2), (5, 240, 40, True, "HS", 1), (5, 240, 40, True, "HS", 1),
+              (5, 120, 48, True, "HS", 1), (5, 144, 48, True, "HS", 1), (5, 288, 96, True, "HS", 2),
+              (5, 576, 96, True, "HS", 1), (5, 576, 96, True, "HS", 1))
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        layers: list[nn.Module] = [_conv_bn_act(3, 16, 3, 2, nn.Hardswish)]
+        c = 16
+        for k, c_exp, c_out, se, act, stride in self.CONFIG:
+            layers.append(MBConv(c, k, c_exp, c_out, stride, nn.ReLU if act == "RE" else nn.Hardswish,
+                                 _divisible(c_exp / 4) if se else None, nn.Hardsigmoid))
+            c = c_out
+        layers.append(_conv_bn_act(c, 576, 1, 1, nn.Hardswish))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Linear(576, 1024), nn.Hardswish(), nn.Linear(1024, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+class EfficientNet(nn.Module):
+    """EfficientNet-B0's seven stages (SiLU, squeeze-excitation with sigmoid gates), one block per stage
+    (B0 repeats them 1, 2, 2, 3, 3, 4, 1 times), stem and 1280-channel head."""
+
+    # expand ratio, kernel, stride, in channels, out channels
+    CONFIG = ((1, 3, 1, 32, 16), (6, 3, 2, 16, 24), (6, 5, 2, 24, 40), (6, 3, 2, 40, 80), (6, 5, 1, 80, 112),
+              (6, 5, 2, 112, 192), (6, 3, 1, 192, 320))
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        layers: list[nn.Module] = [_conv_bn_act(3, 32, 3, 2, nn.SiLU)]
+        for expand, k, stride, c_in, c_out in self.CONFIG:
+            layers.append(MBConv(c_in, k, c_in * expand, c_out, stride, nn.SiLU, max(1, c_in // 4), nn.Sigmoid))
+        layers.append(_conv_bn_act(320, 1280, 1, 1, nn.SiLU))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(1280, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+# --------------------------------------------------------------------------------------------
+# ViT: patch embedding, class token, position embedding, pre-norm transformer encoder
+# --------------------------------------------------------------------------------------------
+
+
+class ViT(nn.Module):
+    """A ViT-Tiny-style classifier: 16x16 patches of a 224x224 image embedded to 192 channels, class
+    token and learned position embedding, ``nn.TransformerEncoder`` (pre-norm, GELU, 3 heads), head."""
+
+    def __init__(self, dim: int = 192, depth: int = 2, heads: int = 3, num_classes: int = 1000):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 16, stride=16)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.zeros(1, 197, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.patch(x).flatten(2).transpose(1, 2)
+        p = torch.cat([self.cls.expand(x.shape[0], -1, -1), p], 1) + self.pos
+        return self.head(self.norm(self.encoder(p))[:, 0])
+
+
+def _build_vit(gen: torch.Generator) -> nn.Module:
+    model = ViT()
+    _init_weights(model, gen, linear_gain=1.0)
+    with torch.no_grad():  # what _init_weights does not reach: attention's packed projections, tokens
+        for m in model.modules():
+            if isinstance(m, nn.MultiheadAttention):
+                m.in_proj_weight.normal_(0.0, 1.0 / math.sqrt(m.embed_dim), generator=gen)
+                m.in_proj_bias.uniform_(-0.1, 0.1, generator=gen)
+        model.cls.normal_(0.0, 0.5, generator=gen)
+        model.pos.normal_(0.0, 0.5, generator=gen)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
 # BERT encoder
 # --------------------------------------------------------------------------------------------
 
@@ -597,11 +892,15 @@ _MODELS: dict[str, _Entry] = {
     "bert": _Entry(_build_bert, lambda gen: (torch.randint(0, _BERT_VOCAB, (1, 128), generator=gen),)),
     "lstm": _Entry(_plain(LSTMHead), lambda gen: (torch.randn(1, 10, 16, generator=gen),)),
     "mlp": _Entry(_plain(MLP), lambda gen: (torch.randn(1, 64, generator=gen),)),
+    "efficientnet": _Entry(_plain(EfficientNet), _image(224)),
     "mobilenetv2": _Entry(_plain(MobileNetV2), _image(224)),
+    "mobilenetv3": _Entry(_plain(MobileNetV3Small), _image(224)),
     "resnet18": _Entry(_plain(ResNet18), _image(224)),
     "rnet": _Entry(_plain(RNet), _image(24)),
     "tiny_cnn": _Entry(_plain(TinyCNN), _image(32)),
+    "vit": _Entry(_build_vit, _image(224)),
     "yolo": _Entry(_plain(YOLOv8n), _image(320)),
+    "yolo11": _Entry(_plain(YOLO11n), _image(320)),
 }
 
 

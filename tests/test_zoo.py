@@ -10,23 +10,31 @@ from compiler.errors import KilnError
 
 EXPECTED_INPUTS = {
     "bert": [((1, 128), torch.int64)],
+    "efficientnet": [((1, 3, 224, 224), torch.float32)],
     "lstm": [((1, 10, 16), torch.float32)],
     "mlp": [((1, 64), torch.float32)],
     "mobilenetv2": [((1, 3, 224, 224), torch.float32)],
+    "mobilenetv3": [((1, 3, 224, 224), torch.float32)],
     "resnet18": [((1, 3, 224, 224), torch.float32)],
     "rnet": [((1, 3, 24, 24), torch.float32)],
     "tiny_cnn": [((1, 3, 32, 32), torch.float32)],
+    "vit": [((1, 3, 224, 224), torch.float32)],
     "yolo": [((1, 3, 320, 320), torch.float32)],
+    "yolo11": [((1, 3, 320, 320), torch.float32)],
 }
 EXPECTED_OUTPUT = {
     "bert": (1, 128, 384),
+    "efficientnet": (1, 1000),
     "lstm": (1, 10),
     "mlp": (1, 10),
     "mobilenetv2": (1, 1000),
+    "mobilenetv3": (1, 1000),
     "resnet18": (1, 1000),
     "rnet": [(1, 2), (1, 4)],
     "tiny_cnn": (1, 10),
+    "vit": (1, 1000),
     "yolo": (1, 84, 2100),
+    "yolo11": (1, 84, 2100),
 }
 
 
