@@ -18,11 +18,17 @@ name          inputs                         architecture
 bert          input_ids int64 (1, 128)       6-layer post-LN BERT encoder, hidden 384, 6 heads,
                                              FFN 1536, exact (erf) GELU, vocab 8192; output is
                                              the last hidden state (1, 128, 384)
+crnn          (1, 1, 32, 128)                CRNN text recognizer: 3 conv-bn-relu stages with
+                                             max-pooling, columns as a sequence (Shape/Reshape/
+                                             Transpose in ONNX), bidirectional LSTM (hidden 64),
+                                             linear CTC head, log-softmax -> (32, 1, 37)
 lstm          (1, 10, 16)                    1-layer LSTM (hidden 32, batch_first) + Linear on
                                              the last step -> (1, 10)
 mlp           (1, 64)                        Linear-GELU-Linear-ReLU-Linear -> (1, 10)
 mobilenetv2   (1, 3, 224, 224)               MobileNetV2, width 1.0, ReLU6 -> (1, 1000)
 resnet18      (1, 3, 224, 224)               ResNet-18 (BasicBlock [2, 2, 2, 2]) -> (1, 1000)
+streaming_vad chunk (1, 512), h (1, 64),     streaming 1-D conv encoder + one LSTMCell step:
+              c (1, 64)                      (logits (1, 2), h' (1, 64), c' (1, 64))
 tiny_cnn      (1, 3, 32, 32)                 conv-bn-relu x3 (one depthwise, one strided),
                                              residual add, global avgpool, Linear -> (1, 10)
 yolo          (1, 3, 320, 320)               YOLOv8n: Conv/C2f/SPPF backbone, PAN neck,

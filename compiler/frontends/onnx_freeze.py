@@ -65,18 +65,20 @@ def _value(name: str, value, info: onnx.ValueInfoProto) -> np.ndarray:
                               f"{onnx.TensorProto.DataType.Name(elem)}") from err
     if dtype.kind not in "biuf":
         raise InputShapeError(f"constant_inputs[{name!r}]: Kiln cannot freeze an input of dtype {dtype.name}")
-    array = _as_array(name, value)
+    array = _as_array(name, value, dtype)
     converted = _convert(name, array, dtype)
     return _fit_shape(name, converted, info)
 
 
-def _as_array(name: str, value) -> np.ndarray:
+def _as_array(name: str, value, dtype: np.dtype) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor
         value = value.detach().cpu().numpy()
     try:
         array = np.asarray(value)
     except Exception as err:  # noqa: BLE001 - ragged lists and other things NumPy refuses
         raise InputShapeError(f"constant_inputs[{name!r}] = {value!r} is not a number or an array") from err
+    if array.dtype == object and all(isinstance(v, int) for v in array.reshape(-1).tolist()):
+        raise InputShapeError(f"constant_inputs[{name!r}] = {value!r} does not fit the input's dtype {dtype.name}")
     if array.dtype.kind not in "biuf":
         raise InputShapeError(f"constant_inputs[{name!r}] = {value!r} is not a number, a bool or an array of them")
     return array
