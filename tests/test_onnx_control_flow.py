@@ -279,3 +279,19 @@ def test_streaming_vad_state_round_trip(route, tmp_path):
     got2 = mod(nxt.numpy(), got1[1], got1[2])
     assert_close(got1, tuple(w.numpy() for w in want1), what=f"first chunk via {route}")
     assert_close(got2, tuple(w.numpy() for w in want2), what=f"second chunk via {route}")
+
+
+def test_onnx_backend_freezes_inputs_and_skips_their_values():
+    """``KilnBackend.prepare(model, constant_inputs=...)``: a conformance case that passes ``k`` as an
+    input (TopK) compiles with it frozen, and ``run`` takes the case's full input list."""
+    from onnx.backend.test.case.node import collect_testcases
+
+    from compiler.onnx_backend import KilnBackend, compare
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        case = next(c for c in collect_testcases("") if c.name == "test_top_k")
+    inputs, expected = case.data_sets[0]
+    rep = KilnBackend.prepare(case.model, constant_inputs={"k": inputs[1]})
+    assert [s.name for s in rep.module.inputs] == ["x"]
+    compare(rep.run(inputs), expected, case.rtol, case.atol)

@@ -6,15 +6,19 @@ therefore prepares the graph first and reports every problem as a :class:`~compi
 
 1. **load and check** the file: missing, truncated or garbage files, dangling references
    (:class:`ModelFormatError`);
-2. **resolve the inputs**: every graph input (initializers excluded) needs a static shape, from the
-   model or from ``input_shapes``; symbolic dimensions without an entry, and entries that name no
-   input, are :class:`InputShapeError`. An ``input_dtypes`` entry that differs from the model's dtype
-   inserts a ``Cast``, so the compiled function accepts that dtype;
-3. **check the operators** against TVM's converter table plus what Kiln rewrites itself, listing every
-   unsupported operator type with its nodes at once (:class:`UnsupportedOperatorError`);
-4. **fix the input shapes in the graph and fold constants** (:mod:`.onnx_fold`): shape inference, then
-   ``Shape``/``Gather``/``Concat``/``Range``/``ConstantOfShape``... subgraphs become initializers;
-5. **unroll LSTM and GRU** into primitive operators (:mod:`.onnx_rnn`);
+2. **freeze** the ``constant_inputs`` to initializers (:mod:`.onnx_freeze`), then **resolve the other
+   inputs**: every graph input (initializers excluded) needs a static shape, from the model or from
+   ``input_shapes``; symbolic dimensions without an entry, and entries that name no input, are
+   :class:`InputShapeError`. An ``input_dtypes`` entry that differs from the model's dtype inserts a
+   ``Cast``, so the compiled function accepts that dtype;
+3. **fix the input shapes in the graph and fold constants** (:mod:`.onnx_fold`): shape inference, then
+   ``Shape``/``Gather``/``Concat``/``Range``/``ConstantOfShape``... subgraphs become initializers and an
+   ``If`` on a constant condition becomes its taken branch;
+4. **check the operators** of the folded graph against TVM's converter table plus what Kiln rewrites
+   itself, listing every unsupported operator type with its nodes at once
+   (:class:`UnsupportedOperatorError`); ``Loop`` and ``Scan`` are refused as control flow;
+5. **unroll LSTM and GRU** into primitive operators, also inside the branches of an ``If`` that
+   stays (:mod:`.onnx_rnn`);
 6. **import** with ``relax.frontend.onnx``, weights bound as constants; a converter failure becomes a
    :class:`CompileError` naming the node.
 """
