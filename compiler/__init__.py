@@ -12,7 +12,7 @@ from .version import __version__
 
 
 def compile(model, target="x86", *, example_inputs=None, input_shapes=None, input_dtypes=None,
-            tuning_logs=None, precision="fp32", calibration=None):
+            tuning_logs=None, precision="fp32", calibration=None, constant_inputs=None):
     """Compile ``model`` for ``target`` and return a :class:`CompiledModule`.
 
     ``model``: a ``torch.nn.Module`` (with ``example_inputs``), a ``torch.export.ExportedProgram``,
@@ -31,12 +31,19 @@ def compile(model, target="x86", *, example_inputs=None, input_shapes=None, inpu
     the target does not support, is a ``KilnError`` naming the choices.
     ``calibration``: required with ``precision="int8"``: a list of example input batches (NumPy
     arrays, or tuples of arrays for several inputs; a batch of N examples stacked on axis 0 is split).
+    ``constant_inputs``: inputs frozen to values, e.g. ``{"sr": 16000}``: the compiled module no longer
+    takes them. ONNX: each value must fit the input's dtype and shape; what depends on it folds (an
+    ``If`` on a frozen condition keeps only its taken branch). ``torch.nn.Module``: the named
+    ``forward`` arguments are bound to the values (Python numbers stay Python numbers, arrays become
+    tensors) and ``example_inputs`` gives the other arguments, in order. An exported program already
+    fixed its inputs: there it is refused. An unknown name or a value that does not fit is a
+    ``KilnError`` listing the inputs.
     """
     from .driver import compile_model
 
     return compile_model(model, target, example_inputs=example_inputs, input_shapes=input_shapes,
                          input_dtypes=input_dtypes, tuning_logs=tuning_logs, precision=precision,
-                         calibration=calibration)
+                         calibration=calibration, constant_inputs=constant_inputs)
 
 
 def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=None, time_budget=None,

@@ -1,6 +1,6 @@
 """``kiln``: the command line. It only parses arguments and calls the Python API.
 
-    kiln compile MODEL --target x86 -o model.so [--input-shape name:1x3x224x224]
+    kiln compile MODEL --target x86 -o model.so [--input-shape name:1x3x224x224] [--constant-input sr=16000]
     kiln run model.so [--inputs in.npz] [--outputs out.npz] [--emulate | --rpc HOST:PORT | --rpc-tracker HOST:PORT --rpc-key KEY]
     kiln package model.so --target rpi4 [-o bundle/]
     kiln info MODEL
@@ -37,6 +37,29 @@ def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected NAME:DIMxDIMx..., e.g. input:1x3x224x224, got {text!r}") from None
     return name, shape
+
+
+def _constant_arg(text: str) -> tuple[str, object]:
+    """``name=16000``, ``name=0.5``, ``name=true`` or ``name=1,2,3`` (a 1-D array) -> (name, value)."""
+    name, sep, value = text.partition("=")
+
+    def number(item: str):
+        item = item.strip()
+        if item.lower() in ("true", "false"):
+            return item.lower() == "true"
+        try:
+            return int(item)
+        except ValueError:
+            return float(item)
+
+    try:
+        if not sep or not name or not value.strip():
+            raise ValueError
+        items = [number(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with a number, true/false or comma-separated numbers, "
+                                         f"e.g. sr=16000, got {text!r}") from None
+    return name, items[0] if len(items) == 1 and "," not in value else items
 
 
 def _npz_arg(text: str) -> Path:
@@ -126,6 +149,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="output .so path (a directory for microcontroller targets: a C library)")
     c.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME:SHAPE",
                    help="fix an input's shape, e.g. input:1x3x224x224 (repeatable)")
+    c.add_argument("--constant-input", action="append", type=_constant_arg, default=[], metavar="NAME=VALUE",
+                   help="freeze an input to a value, e.g. sr=16000 (a number, true/false, or 1,2,3 for a 1-D "
+                   "array); the module no longer takes it and what depends on it folds, such as an If on it "
+                   "(repeatable)")
     logs = c.add_mutually_exclusive_group()
     logs.add_argument("--tuning-logs", help="tuning-log directory to take tuned schedules from (default: Kiln's "
                       "shipped records for the target, when it has some)")
@@ -220,11 +247,13 @@ def _cmd_compile(args) -> int:
     desc = targets.get(args.target)  # an unknown target fails before any work
     _check_output(args.output, model=args.model, directory=desc.family == "mcu")
     calibration = _calibration(args)  # an unreadable file fails before any work
-    print(f"compiling {args.model} for target {args.target} -> {args.output}", flush=True)
+    frozen = "".join(f", {name}={value}" for name, value in dict(args.constant_input).items())
+    print(f"compiling {args.model} for target {args.target} -> {args.output}"
+          + (f" (constant inputs{frozen[1:]})" if frozen else ""), flush=True)
     t0 = time.perf_counter()
     mod = compiler.compile(args.model, target=args.target, input_shapes=dict(args.input_shape) or None,
                            tuning_logs=False if args.untuned else args.tuning_logs, precision=args.precision,
-                           calibration=calibration)
+                           calibration=calibration, constant_inputs=dict(args.constant_input) or None)
     path = mod.export(args.output)
     if path.is_dir():  # a microcontroller C library (compiler/mcu)
         files = ", ".join(sorted(p.name for p in path.iterdir()))

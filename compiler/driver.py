@@ -28,16 +28,16 @@ log = logging.getLogger(__name__)
 
 
 def compile_model(model, target="x86", *, example_inputs=None, input_shapes=None, input_dtypes=None,
-                  tuning_logs=None, precision="fp32", calibration=None) -> CompiledModule:
+                  tuning_logs=None, precision="fp32", calibration=None, constant_inputs=None) -> CompiledModule:
     """See :func:`compiler.compile`. TVM's native log goes to the ``kiln.tvm`` logger (DEBUG)."""
     with native_log.captured():
         return _compile(model, target, example_inputs=example_inputs, input_shapes=input_shapes,
                         input_dtypes=input_dtypes, tuning_logs=tuning_logs, precision=precision,
-                        calibration=calibration)
+                        calibration=calibration, constant_inputs=constant_inputs)
 
 
 def _compile(model, target, *, example_inputs, input_shapes, input_dtypes, tuning_logs, precision,
-             calibration) -> CompiledModule:
+             calibration, constant_inputs) -> CompiledModule:
     desc = targets.resolve(target)
     check_request(desc, precision, calibration)
     if desc.family == "mcu":  # a self-contained C library (compiler/mcu)
@@ -45,10 +45,11 @@ def _compile(model, target, *, example_inputs, input_shapes, input_dtypes, tunin
 
         return compile_mcu(model, desc, example_inputs=example_inputs, input_shapes=input_shapes,
                            input_dtypes=input_dtypes, tuning_logs=None if tuning_logs is False else tuning_logs,
-                           precision=precision, calibration=calibration)
+                           precision=precision, calibration=calibration, constant_inputs=constant_inputs)
     t0 = time.perf_counter()
     lowered = pipeline.lower(model, desc, example_inputs=example_inputs, input_shapes=input_shapes,
-                             input_dtypes=input_dtypes, precision=precision, calibration=calibration)
+                             input_dtypes=input_dtypes, precision=precision, calibration=calibration,
+                             constant_inputs=constant_inputs)
     with pipeline.stage("lowering and fusion (fuse)", lowered.fused):
         outputs = pipeline.output_specs(lowered)
     logs, explicit = tuning_records(tuning_logs, desc)

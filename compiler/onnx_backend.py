@@ -2,6 +2,7 @@
 
     from compiler.onnx_backend import KilnBackend
     rep = KilnBackend.prepare(model_proto)        # compiles for this machine (target "x86")
+    rep = KilnBackend.prepare(model_proto, constant_inputs={"k": np.array([3])})   # inputs frozen
     outputs = rep.run([x, y])                    # NumPy in, a tuple of NumPy arrays out
 
 ``tests/test_onnx_conformance.py`` and ``scripts/onnx_conformance.py`` run ONNX's operator conformance
@@ -27,17 +28,24 @@ class KilnRep(BackendRep):
     """A compiled ONNX model behind the backend interface. Sequence-typed graph outputs come back as
     lists of arrays, as ONNX Runtime returns them (the compiled module returns a tuple for each)."""
 
-    def __init__(self, module, model: onnx.ModelProto | None = None):
+    def __init__(self, module, model: onnx.ModelProto | None = None, frozen=()):
         self.module = module
         outputs = model.graph.output if model is not None else []
         self._sequence = [o.type.HasField("sequence_type") for o in outputs]
+        inits = {i.name for i in model.graph.initializer} if model is not None else set()
+        self._graph_inputs = [i.name for i in model.graph.input if i.name not in inits] if model is not None else []
+        self._frozen = set(frozen)
 
     def run(self, inputs: Any, **kwargs) -> tuple[np.ndarray, ...]:
+        """Inputs as an array, a list (in the graph's input order; values for inputs frozen with
+        ``constant_inputs`` may be included and are then skipped) or a dict by name."""
         if isinstance(inputs, np.ndarray):
             inputs = [inputs]
         elif isinstance(inputs, dict):
             names = [s.name for s in self.module.inputs]
             inputs = [inputs[n] for n in names]
+        elif self._frozen and len(inputs) == len(self._graph_inputs):
+            inputs = [x for x, n in zip(inputs, self._graph_inputs) if n not in self._frozen]
         out = self.module.run(*[np.asarray(x) for x in inputs])
         if not isinstance(out, tuple) or len(self._sequence) == 1:  # run() unwraps a single output
             out = (out,)
@@ -56,7 +64,8 @@ class KilnBackend(Backend):
         import compiler
 
         super().prepare(model, device, **kwargs)
-        return KilnRep(compiler.compile(model, cls.target, tuning_logs=False, **kwargs), model)
+        frozen = list(kwargs.get("constant_inputs") or ())
+        return KilnRep(compiler.compile(model, cls.target, tuning_logs=False, **kwargs), model, frozen)
 
     @classmethod
     def run_model(cls, model: onnx.ModelProto, inputs: Any, device: str = "CPU", **kwargs) -> tuple:

@@ -46,7 +46,7 @@ class Lowered:
 
 
 def lower(model, target, *, example_inputs=None, input_shapes=None, input_dtypes=None, precision: str = "fp32",
-          calibration=None) -> Lowered:
+          calibration=None, constant_inputs=None) -> Lowered:
     """Import ``model`` and run it through prepare, quantization or mixed precision, and fuse for
     ``target`` (a :class:`TargetDescription`); each step is a :func:`stage`, so a failure is a
     :class:`CompileError` naming it. Installs Kiln's TVM hooks first (``schedules.install_hooks``).
@@ -62,7 +62,7 @@ def lower(model, target, *, example_inputs=None, input_shapes=None, input_dtypes
     schedules.install_hooks()
     with stage("import"):
         imported = import_model(model, example_inputs=example_inputs, input_shapes=input_shapes,
-                                input_dtypes=input_dtypes)
+                                input_dtypes=input_dtypes, constant_inputs=constant_inputs)
     if target.family == "mcu":
         for spec in imported.inputs:
             if not all(isinstance(d, int) for d in spec.shape):

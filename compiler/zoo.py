@@ -18,6 +18,10 @@ name          inputs                         architecture
 bert          input_ids int64 (1, 128)       6-layer post-LN BERT encoder, hidden 384, 6 heads,
                                              FFN 1536, exact (erf) GELU, vocab 8192; output is
                                              the last hidden state (1, 128, 384)
+crnn          (1, 1, 32, 128)                CRNN text recognizer: 3 conv-bn-relu stages with
+                                             max-pooling, columns as a sequence (Shape/Reshape/
+                                             Transpose in ONNX), bidirectional LSTM (hidden 64),
+                                             linear CTC head, log-softmax -> (32, 1, 37)
 efficientnet  (1, 3, 224, 224)               EfficientNet-B0's seven MBConv stages (SiLU,
                                              squeeze-excitation), one block each -> (1, 1000)
 lstm          (1, 10, 16)                    1-layer LSTM (hidden 32, batch_first) + Linear on
@@ -30,6 +34,8 @@ resnet18      (1, 3, 224, 224)               ResNet-18 (BasicBlock [2, 2, 2, 2])
 rnet          (1, 3, 24, 24)                 MTCNN R-Net face-detection stage: conv/PReLU/max-pool
                                              x3, Linear-PReLU -> face probability (1, 2) and
                                              box regression (1, 4)
+streaming_vad chunk (1, 512), h (1, 64),     streaming 1-D conv encoder + one LSTMCell step:
+              c (1, 64)                      (logits (1, 2), h' (1, 64), c' (1, 64))
 tiny_cnn      (1, 3, 32, 32)                 conv-bn-relu x3 (one depthwise, one strided),
                                              residual add, global avgpool, Linear -> (1, 10)
 vit           (1, 3, 224, 224)               ViT-Tiny-style: 16x16 patch embedding, class token,
@@ -853,6 +859,100 @@ class BertEncoder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# CRNN text recognizer
+# --------------------------------------------------------------------------------------------
+
+
+class CRNN(nn.Module):
+    """CNN + bidirectional LSTM + CTC-style linear head, for 32-pixel-high text lines.
+
+    Three conv-bn-relu stages with max-pooling (2x2, 2x2, 2x1) turn a (1, 1, 32, 128) line into a
+    (1, 96, 4, 32) map; its columns become a sequence (``view(b, c * h, w).permute(2, 0, 1)``: the
+    shape arithmetic ONNX exports carry as Shape/Gather/Reshape/Transpose) for a bidirectional LSTM,
+    and a linear layer gives per-column log-probabilities over 36 characters and the CTC blank:
+    (32, 1, 37), time first as CTC losses take them.
+    """
+
+    def __init__(self, classes: int = 37, hidden: int = 64):
+        super().__init__()
+        self.cnn = nn.Sequential(
+            _conv_bn_relu(1, 32), nn.MaxPool2d(2),
+            _conv_bn_relu(32, 64), nn.MaxPool2d(2),
+            _conv_bn_relu(64, 96), nn.MaxPool2d((2, 1)),
+        )
+        self.rnn = nn.LSTM(96 * 4, hidden, bidirectional=True)
+        self.head = nn.Linear(2 * hidden, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        f = self.cnn(x)
+        b, c, h, w = f.shape
+        seq = f.view(b, c * h, w).permute(2, 0, 1)  # (width, batch, features)
+        out, _ = self.rnn(seq)
+        return F.log_softmax(self.head(out), dim=2)
+
+
+def _build_crnn(gen: torch.Generator) -> nn.Module:
+    model = CRNN()
+    _init_weights(model, gen, linear_gain=1.0)  # gain 1: the head's logits stay around unit scale
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming 1-D conv + LSTMCell with state in and out
+# --------------------------------------------------------------------------------------------
+
+
+class StreamingVAD(nn.Module):
+    """A streaming voice-activity-style model: one audio chunk and the LSTM state in, the chunk's
+    logits and the next state out (as Silero VAD runs: the caller feeds ``h``, ``c`` back).
+
+    Three strided 1-D convolutions encode the (1, 512) chunk into 64 channels, averaged over time;
+    one ``LSTMCell`` step updates the state; a linear layer gives 2 logits. Inputs ``(chunk, h, c)``,
+    outputs ``(logits (1, 2), h' (1, 64), c' (1, 64))``.
+    """
+
+    def __init__(self, channels: int = 64, hidden: int = 64):
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Conv1d(1, channels, 64, stride=32, padding=16), nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
+        )
+        self.cell = nn.LSTMCell(channels, hidden)
+        self.head = nn.Linear(hidden, 2)
+
+    def forward(self, chunk: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        feat = self.encoder(chunk.unsqueeze(1)).mean(dim=2)
+        h, c = self.cell(feat, (h, c))
+        return self.head(torch.relu(h)), h, c
+
+
+def _build_streaming_vad(gen: torch.Generator) -> nn.Module:
+    """Seeded weights: Kaiming-scaled 1-D convolutions, LSTMCell weights with std 1/sqrt(fan_in) so
+    the gates switch, and the linears as :func:`_init_weights` draws them."""
+    model = StreamingVAD()
+    _init_weights(model, gen)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv1d):
+                m.weight.normal_(0.0, _RELU_GAIN / math.sqrt(m.weight[0].numel()), generator=gen)
+                m.bias.uniform_(-0.1, 0.1, generator=gen)
+            elif isinstance(m, nn.LSTMCell):
+                for pname, p in m.named_parameters(recurse=False):
+                    if pname.startswith("weight"):
+                        p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]), generator=gen)
+                    else:
+                        p.uniform_(-0.1, 0.1, generator=gen)
+    return model
+
+
+def _streaming_vad_inputs(gen: torch.Generator) -> tuple[Tensor, ...]:
+    """A chunk of 512 samples and a state as the previous chunk would leave it (|h| < 1, c small)."""
+    return (torch.randn(1, 512, generator=gen), 0.5 * torch.tanh(torch.randn(1, 64, generator=gen)),
+            0.5 * torch.randn(1, 64, generator=gen))
+
+
+# --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
 
@@ -890,6 +990,7 @@ class _Entry:
 
 _MODELS: dict[str, _Entry] = {
     "bert": _Entry(_build_bert, lambda gen: (torch.randint(0, _BERT_VOCAB, (1, 128), generator=gen),)),
+    "crnn": _Entry(_build_crnn, lambda gen: (torch.randn(1, 1, 32, 128, generator=gen),)),
     "lstm": _Entry(_plain(LSTMHead), lambda gen: (torch.randn(1, 10, 16, generator=gen),)),
     "mlp": _Entry(_plain(MLP), lambda gen: (torch.randn(1, 64, generator=gen),)),
     "efficientnet": _Entry(_plain(EfficientNet), _image(224)),
@@ -897,6 +998,7 @@ _MODELS: dict[str, _Entry] = {
     "mobilenetv3": _Entry(_plain(MobileNetV3Small), _image(224)),
     "resnet18": _Entry(_plain(ResNet18), _image(224)),
     "rnet": _Entry(_plain(RNet), _image(24)),
+    "streaming_vad": _Entry(_build_streaming_vad, _streaming_vad_inputs),
     "tiny_cnn": _Entry(_plain(TinyCNN), _image(32)),
     "vit": _Entry(_build_vit, _image(224)),
     "yolo": _Entry(_plain(YOLOv8n), _image(320)),

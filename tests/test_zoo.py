@@ -10,6 +10,7 @@ from compiler.errors import KilnError
 
 EXPECTED_INPUTS = {
     "bert": [((1, 128), torch.int64)],
+    "crnn": [((1, 1, 32, 128), torch.float32)],
     "efficientnet": [((1, 3, 224, 224), torch.float32)],
     "lstm": [((1, 10, 16), torch.float32)],
     "mlp": [((1, 64), torch.float32)],
@@ -17,6 +18,7 @@ EXPECTED_INPUTS = {
     "mobilenetv3": [((1, 3, 224, 224), torch.float32)],
     "resnet18": [((1, 3, 224, 224), torch.float32)],
     "rnet": [((1, 3, 24, 24), torch.float32)],
+    "streaming_vad": [((1, 512), torch.float32), ((1, 64), torch.float32), ((1, 64), torch.float32)],
     "tiny_cnn": [((1, 3, 32, 32), torch.float32)],
     "vit": [((1, 3, 224, 224), torch.float32)],
     "yolo": [((1, 3, 320, 320), torch.float32)],
@@ -24,13 +26,15 @@ EXPECTED_INPUTS = {
 }
 EXPECTED_OUTPUT = {
     "bert": (1, 128, 384),
+    "crnn": (32, 1, 37),
     "efficientnet": (1, 1000),
     "lstm": (1, 10),
     "mlp": (1, 10),
     "mobilenetv2": (1, 1000),
     "mobilenetv3": (1, 1000),
     "resnet18": (1, 1000),
-    "rnet": [(1, 2), (1, 4)],
+    "rnet": ((1, 2), (1, 4)),
+    "streaming_vad": ((1, 2), (1, 64), (1, 64)),
     "tiny_cnn": (1, 10),
     "vit": (1, 1000),
     "yolo": (1, 84, 2100),
@@ -44,16 +48,16 @@ def loaded() -> dict[str, tuple[torch.nn.Module, tuple[torch.Tensor, ...]]]:
 
 
 def _run(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """The model's output; the outputs flattened and concatenated for a model with several."""
+    """The output; several outputs (a model with state out) flattened and concatenated."""
     with torch.no_grad():
         out = model(*inputs)
-    return out if isinstance(out, torch.Tensor) else torch.cat([o.flatten() for o in out])
+    return torch.cat([o.reshape(-1) for o in out]) if isinstance(out, tuple) else out
 
 
-def _shapes(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]):
+def _shape(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]):
     with torch.no_grad():
         out = model(*inputs)
-    return tuple(out.shape) if isinstance(out, torch.Tensor) else [tuple(o.shape) for o in out]
+    return tuple(tuple(o.shape) for o in out) if isinstance(out, tuple) else tuple(out.shape)
 
 
 def _other_inputs(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -77,7 +81,7 @@ def test_loads_in_eval_mode_with_expected_inputs(name: str, loaded) -> None:
     assert isinstance(model, torch.nn.Module)
     assert not any(m.training for m in model.modules())
     assert [(tuple(x.shape), x.dtype) for x in inputs] == EXPECTED_INPUTS[name]
-    assert _shapes(model, inputs) == EXPECTED_OUTPUT[name]
+    assert _shape(model, inputs) == EXPECTED_OUTPUT[name]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_INPUTS))

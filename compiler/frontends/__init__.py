@@ -43,8 +43,11 @@ class ImportedModel:
     num_params: int = 0
 
 
-def import_model(model, *, example_inputs=None, input_shapes=None, input_dtypes=None) -> ImportedModel:
-    """Dispatch on the kind of ``model``: torch module, exported program, ONNX path/proto, ``zoo:NAME``."""
+def import_model(model, *, example_inputs=None, input_shapes=None, input_dtypes=None,
+                 constant_inputs=None) -> ImportedModel:
+    """Dispatch on the kind of ``model``: torch module, exported program, ONNX path/proto, ``zoo:NAME``.
+    ``constant_inputs`` freezes ONNX graph inputs (:mod:`.onnx_freeze`) or binds ``forward`` arguments
+    of a ``torch.nn.Module`` (:func:`.torch.bind_constants`); exported programs are refused."""
     import torch
 
     from . import torch as torch_frontend
@@ -55,8 +58,11 @@ def import_model(model, *, example_inputs=None, input_shapes=None, input_dtypes=
         model, zoo_inputs = zoo.load(str(model)[4:])
         example_inputs = example_inputs if example_inputs is not None else zoo_inputs
     if isinstance(model, torch.export.ExportedProgram):
+        torch_frontend.refuse_constants_for_program(constant_inputs)
         return torch_frontend.import_exported(model)
     if isinstance(model, torch.nn.Module):
+        if constant_inputs:
+            model, example_inputs = torch_frontend.bind_constants(model, example_inputs, constant_inputs)
         return torch_frontend.import_module(model, example_inputs)
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
@@ -65,6 +71,7 @@ def import_model(model, *, example_inputs=None, input_shapes=None, input_dtypes=
         if path.suffix in (".pt2", ".ep"):
             from . import pt2
 
+            torch_frontend.refuse_constants_for_program(constant_inputs)
             return torch_frontend.import_exported(pt2.load(path))
     from .onnx import import_onnx
 
@@ -73,7 +80,8 @@ def import_model(model, *, example_inputs=None, input_shapes=None, input_dtypes=
     except ImportError:  # pragma: no cover
         onnx = None
     if isinstance(model, (str, os.PathLike)) or (onnx is not None and isinstance(model, onnx.ModelProto)):
-        return import_onnx(model, input_shapes=input_shapes, input_dtypes=input_dtypes)
+        return import_onnx(model, input_shapes=input_shapes, input_dtypes=input_dtypes,
+                           constant_inputs=constant_inputs)
     raise ModelFormatError(
         f"cannot compile a {type(model).__name__}: pass a torch.nn.Module (with example_inputs), a "
         "torch.export.ExportedProgram, an ONNX file path or onnx.ModelProto, or 'zoo:NAME'"

@@ -6,15 +6,19 @@ therefore prepares the graph first and reports every problem as a :class:`~compi
 
 1. **load and check** the file: missing, truncated or garbage files, dangling references
    (:class:`ModelFormatError`);
-2. **resolve the inputs**: every graph input (initializers excluded) needs a static shape, from the
-   model or from ``input_shapes``; symbolic dimensions without an entry, and entries that name no
-   input, are :class:`InputShapeError`. An ``input_dtypes`` entry that differs from the model's dtype
-   inserts a ``Cast``, so the compiled function accepts that dtype;
-3. **check the operators** against TVM's converter table plus what Kiln rewrites itself, listing every
-   unsupported operator type with its nodes at once (:class:`UnsupportedOperatorError`);
-4. **fix the input shapes in the graph and fold constants** (:mod:`.onnx_fold`): shape inference, then
-   ``Shape``/``Gather``/``Concat``/``Range``/``ConstantOfShape``... subgraphs become initializers;
-5. **unroll LSTM and GRU** into primitive operators (:mod:`.onnx_rnn`);
+2. **freeze** the ``constant_inputs`` to initializers (:mod:`.onnx_freeze`), then **resolve the other
+   inputs**: every graph input (initializers excluded) needs a static shape, from the model or from
+   ``input_shapes``; symbolic dimensions without an entry, and entries that name no input, are
+   :class:`InputShapeError`. An ``input_dtypes`` entry that differs from the model's dtype inserts a
+   ``Cast``, so the compiled function accepts that dtype;
+3. **fix the input shapes in the graph and fold constants** (:mod:`.onnx_fold`): shape inference, then
+   ``Shape``/``Gather``/``Concat``/``Range``/``ConstantOfShape``... subgraphs become initializers and an
+   ``If`` on a constant condition becomes its taken branch;
+4. **check the operators** of the folded graph against TVM's converter table plus what Kiln rewrites
+   itself, listing every unsupported operator type with its nodes at once
+   (:class:`UnsupportedOperatorError`); ``Loop`` and ``Scan`` are refused as control flow;
+5. **unroll LSTM and GRU** into primitive operators, also inside the branches of an ``If`` that
+   stays (:mod:`.onnx_rnn`);
 6. **import** with ``relax.frontend.onnx``, weights bound as constants; a converter failure becomes a
    :class:`CompileError` naming the node.
 """
@@ -39,6 +43,7 @@ from tvm.relax.frontend.onnx import onnx_frontend as _tvm_onnx
 from ..errors import CompileError, InputShapeError, ModelFormatError, UnsupportedOperatorError, suggest
 from . import ImportedModel, TensorSpec, onnx_ops
 from .onnx_fold import default_opset, fold_constants
+from .onnx_freeze import freeze_inputs
 from .onnx_rnn import RNN_OPS, attribute_problems, rewrite_rnns
 
 logger = logging.getLogger(__name__)
@@ -46,6 +51,11 @@ logger = logging.getLogger(__name__)
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 #: Operators TVM's importer handles outside its converter table.
 _TVM_BUILTIN_OPS = frozenset({"If", "Constant"})
+#: Control flow TVM 0.27's importer cannot convert, with what to say about it.
+_LOOPS = {
+    "Loop": "control flow: TVM 0.27 has no Loop converter and Kiln does not unroll loops",
+    "Scan": "control flow: TVM 0.27 has no Scan converter and Kiln does not unroll scans",
+}
 SUPPORTED_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
                     "float16", "bfloat16", "float32", "float64")
 
@@ -54,20 +64,24 @@ def import_onnx(
     model: str | os.PathLike | onnx.ModelProto,
     input_shapes: dict[str, Sequence[int]] | None = None,
     input_dtypes: dict[str, str] | None = None,
+    constant_inputs: dict | None = None,
 ) -> ImportedModel:
     """Import an ONNX model (path or ``ModelProto``, which is not modified) into a Relax module.
 
     ``input_shapes`` fixes the shape of inputs with symbolic dimensions, e.g.
-    ``{"input": (1, 3, 224, 224)}``; ``input_dtypes`` changes the dtype an input is accepted in.
+    ``{"input": (1, 3, 224, 224)}``; ``input_dtypes`` changes the dtype an input is accepted in;
+    ``constant_inputs`` freezes inputs to values (:mod:`.onnx_freeze`): they fold into the graph and
+    the imported module does not take them.
     """
     proto, where = _load(model)
     num_params = _count_params(proto)
     _check_structure(proto, where)
     _normalize(proto)
+    freeze_inputs(proto, constant_inputs, other_args={"input_shapes": input_shapes, "input_dtypes": input_dtypes})
     specs = _input_specs(proto.graph, dict(input_shapes or {}), dict(input_dtypes or {}))
-    _check_operators(proto)
     _apply_input_specs(proto, specs)
     proto = fold_constants(proto)
+    _check_operators(proto)  # on the folded graph: frozen inputs may have removed control flow
     proto, failures = rewrite_rnns(proto)
     if failures:
         raise UnsupportedOperatorError(failures)
@@ -320,9 +334,9 @@ def _check_operators(model: onnx.ModelProto) -> None:
     for node, depth in _all_nodes(model.graph):
         default = node.domain in _DEFAULT_DOMAINS
         if default and node.op_type in RNN_OPS:
-            if depth:
-                problems.append((f"{node.op_type} inside a subgraph", node.name))
             problems += [(f"{node.op_type} with {p}", node.name) for p in attribute_problems(node)]
+        elif default and node.op_type in _LOOPS:
+            problems.append((f"{node.op_type} ({_LOOPS[node.op_type]})", node.name))
         elif node.op_type not in supported or not (default or node.domain == "com.microsoft"):
             problems.append((node.op_type if default else f"{node.domain}.{node.op_type}", node.name))
     if problems:
@@ -417,7 +431,7 @@ def _to_relax(model: onnx.ModelProto, specs: list[TensorSpec], where: str) -> tv
     """Run TVM's importer (quietly: it prints and warns) and translate its failures."""
     importer = _TrackingImporter(
         {s.name: list(s.shape) for s in specs}, {s.name: s.dtype for s in specs}, keep_params_in_input=False,
-        expected=_expected_types(model), outputs={n.name: list(n.output) for n in model.graph.node},
+        expected=_expected_types(model), outputs={n.name: list(n.output) for n, _ in _all_nodes(model.graph)},
     )
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

@@ -64,10 +64,16 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference with data propagation; returns the model unchanged if inference fails."""
+    """ONNX shape inference with data propagation (without it if data propagation fails: its
+    per-operator rules are younger than shape inference's); returns the model unchanged if
+    inference fails."""
     try:
         return shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception as err:  # noqa: BLE001 - inference is an optimisation, never fatal
+        logger.debug("ONNX shape inference with data propagation failed, retrying without: %s", err)
+    try:
+        return shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=False)
+    except Exception as err:  # noqa: BLE001
         logger.warning("ONNX shape inference failed, folding without it: %s", err)
         return model
 

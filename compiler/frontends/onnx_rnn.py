@@ -155,7 +155,9 @@ def _read_node(node, consts: dict[str, onnx.TensorProto], shapes) -> tuple[_RnnN
         return None, f"weights for {W.shape[0]} direction(s) but direction={direction}"
     x_shape = shapes.get(given(0))
     if x_shape is None:
-        return None, "an input of unknown shape"
+        return None, (f"an input ({given(0)!r}) whose shape ONNX's shape inference cannot determine after "
+                      "folding (fix every input's shape with input_shapes, freeze inputs that shapes are computed "
+                      "from with constant_inputs)")
     seq_len, hidden = x_shape[1 if layout else 0], R.shape[-1]
     if given(4) and (seq_lens is None or np.any(seq_lens != seq_len)):
         return None, "sequence_lens other than the full sequence length"
@@ -277,23 +279,42 @@ def _finish(em: _Emitter, parts: list[str], axis: int, out: str, perm: list[int]
 
 
 def rewrite_rnns(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
-    """Replace every LSTM/GRU node in the main graph by primitive operators.
+    """Replace every LSTM/GRU node, in the main graph and in the subgraphs of control-flow nodes
+    that folding left (an ``If`` on a run-time condition), by primitive operators.
 
     Returns the model and the nodes that could not be rewritten as ``(description, node name)``,
     for :class:`~compiler.errors.UnsupportedOperatorError`. Expects fixed input shapes and folded
-    constants (see :mod:`.onnx_fold`).
+    constants (see :mod:`.onnx_fold`); shapes come from ONNX's shape inference on the folded graph,
+    which also types the tensors inside subgraphs. Inside a subgraph, weights may be initializers
+    or ``Constant`` nodes of that subgraph or of any enclosing graph.
     """
-    graph = model.graph
-    if not any(node.op_type in RNN_OPS for node in graph.node):
+    if not any(node.op_type in RNN_OPS for node in _all_nodes(model.graph)):
         return model, []
     model = infer_shapes(model)
-    graph = model.graph
-    shapes = static_shapes(graph)
-    consts = {init.name: init for init in graph.initializer}
-    taken = {name for node in graph.node for name in list(node.input) + list(node.output) + [node.name]}
-    taken |= set(consts) | {vi.name for vi in graph.input}
-    new_nodes, failures = [], []
+    taken: set[str] = set()
+    for graph in _all_graphs(model.graph):
+        taken |= {name for node in graph.node for name in list(node.input) + list(node.output) + [node.name]}
+        taken |= {init.name for init in graph.initializer} | {vi.name for vi in graph.input}
+    failures: list[tuple[str, str]] = []
+    _rewrite_graph(model.graph, {}, {}, taken, failures)
+    return model, failures
+
+
+def _rewrite_graph(graph: onnx.GraphProto, outer_consts: dict, outer_shapes: dict, taken: set[str],
+                   failures: list) -> None:
+    """Rewrite the RNN nodes of ``graph`` (new initializers go to ``graph`` itself), then recurse
+    into its nodes' subgraphs, which see this graph's constants and shapes."""
+    consts = dict(outer_consts)
+    consts.update({init.name: init for init in graph.initializer})
+    consts.update({node.output[0]: attr.t for node in graph.node if node.op_type == "Constant"
+                   for attr in node.attribute if attr.name == "value"})
+    shapes = dict(outer_shapes)
+    shapes.update(static_shapes(graph))
+    new_nodes = []
     for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                _rewrite_graph(sub, consts, shapes, taken, failures)
         if node.op_type not in RNN_OPS or node.domain not in ("", "ai.onnx"):
             new_nodes.append(node)
             continue
@@ -309,4 +330,16 @@ def rewrite_rnns(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[st
         graph.initializer.extend(em.inits)
     del graph.node[:]
     graph.node.extend(new_nodes)
-    return model, failures
+
+
+def _all_graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                yield from _all_graphs(sub)
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for g in _all_graphs(graph):
+        yield from g.node

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import CompileError, InputShapeError, ModelFormatError, UnsupportedOperatorError
+from ..errors import CompileError, InputShapeError, ModelFormatError, UnsupportedOperatorError, suggest
 from . import ImportedModel, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -104,3 +104,92 @@ def _normalize_negative_selects(program) -> None:
 def import_module(model, example_inputs) -> ImportedModel:
     """Export ``model`` with ``example_inputs`` and import the program."""
     return import_exported(export_module(model, example_inputs))
+
+
+# ---------------------------------------------------------------- constant inputs
+
+
+def refuse_constants_for_program(constant_inputs) -> None:
+    """An exported program fixed its inputs when it was exported: ``constant_inputs`` cannot apply."""
+    if constant_inputs:
+        raise InputShapeError(
+            f"constant_inputs ({', '.join(map(repr, constant_inputs))}) cannot apply to an exported program: "
+            "torch.export fixed its inputs already. Pass the torch.nn.Module itself with constant_inputs, or "
+            "bind the values before exporting")
+
+
+def bind_constants(model, example_inputs, constant_inputs) -> tuple:
+    """A module whose ``forward`` takes the arguments of ``model.forward`` that ``constant_inputs``
+    does not name, in their order and under their names, and calls ``model`` with the constants; and
+    the example inputs for it. ``example_inputs`` may list every argument of ``forward`` (the frozen
+    ones are dropped) or only the others. Python numbers stay Python numbers (``torch.export``
+    specialises on them, as ``if sr == 16000`` needs); arrays become tensors."""
+    import inspect
+
+    import torch
+
+    if not hasattr(constant_inputs, "items"):
+        raise InputShapeError(f"constant_inputs must be a dict of argument name -> value, got "
+                              f"{type(constant_inputs).__name__}")
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    names = [p.name for p in params]
+    for name in constant_inputs:
+        if name not in names:
+            raise InputShapeError(
+                f"constant_inputs names {name!r}, which is not an argument of {type(model).__name__}.forward."
+                f"{suggest(str(name), names)} Its arguments are: {', '.join(names) or '(none)'}")
+    values = {name: _constant_value(name, value) for name, value in constant_inputs.items()}
+    free = [p for p in params if p.name not in values]
+    if example_inputs is not None:
+        if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
+            example_inputs = (example_inputs,)
+        example_inputs = tuple(example_inputs)
+        if len(example_inputs) == len(params) and len(params) != len(free):
+            example_inputs = tuple(x for x, p in zip(example_inputs, params) if p.name not in values)
+        elif len(example_inputs) != len(free):
+            raise InputShapeError(
+                f"example_inputs has {len(example_inputs)} value(s); with constant_inputs "
+                f"{', '.join(map(repr, values))} {type(model).__name__}.forward takes {len(free)}: "
+                f"{', '.join(p.name for p in free) or '(none)'}")
+    return _Bound(model, [p.name for p in free], values), example_inputs
+
+
+def _constant_value(name: str, value):
+    import torch
+
+    if isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    try:
+        array = np.asarray(value)
+    except Exception:  # noqa: BLE001 - ragged lists and other things NumPy refuses
+        array = None
+    if array is None or array.dtype.kind not in "biuf":
+        raise InputShapeError(f"constant_inputs[{name!r}] = {value!r} is not a number, a bool or an array of them")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _Bound(model, free: list[str], values: dict):
+    """``model`` with some ``forward`` arguments bound; the signature of ``forward`` names the others,
+    so the exported program's inputs keep their names."""
+    import inspect
+
+    import torch
+
+    class Bound(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args):
+            return self.model(**dict(zip(free, args)), **values)
+
+    Bound.__name__ = Bound.__qualname__ = f"{type(model).__name__}WithConstants"
+    Bound.forward.__signature__ = inspect.Signature(
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in free])
+    return Bound()

@@ -46,7 +46,7 @@ def _kb(n: int) -> str:
 
 def compile_mcu(model, desc, *, example_inputs=None, input_shapes=None, input_dtypes=None,
                 tuning_logs=None, precision: str = "fp32", calibration=None,
-                schedule_kernels: bool = True) -> "MCUModule":
+                schedule_kernels: bool = True, constant_inputs=None) -> "MCUModule":
     """See :func:`compiler.compile`; ``desc`` is a target description of family ``mcu``.
 
     ``precision="int8"`` quantizes convolutions and matmuls after ``pipeline.prepare`` with
@@ -64,7 +64,8 @@ def compile_mcu(model, desc, *, example_inputs=None, input_shapes=None, input_dt
                           "compile without tuning_logs / --tuning-logs")
     t0 = time.perf_counter()
     lowered = pipeline.lower(model, desc, example_inputs=example_inputs, input_shapes=input_shapes,
-                             input_dtypes=input_dtypes, precision=precision, calibration=calibration)
+                             input_dtypes=input_dtypes, precision=precision, calibration=calibration,
+                             constant_inputs=constant_inputs)
     imported, fused, groups, quant = lowered.imported, lowered.fused, lowered.groups, lowered.quant
     program = codegen.lower_main(codegen.alias_reshapes(fused), [s.name for s in imported.inputs],
                                  list(imported.output_names))
