@@ -10,6 +10,7 @@ from compiler.errors import KilnError
 
 EXPECTED_INPUTS = {
     "bert": [((1, 128), torch.int64)],
+    "dbnet": [((1, 3, 256, 256), torch.float32)],
     "lstm": [((1, 10, 16), torch.float32)],
     "mlp": [((1, 64), torch.float32)],
     "mobilenetv2": [((1, 3, 224, 224), torch.float32)],
@@ -19,6 +20,7 @@ EXPECTED_INPUTS = {
 }
 EXPECTED_OUTPUT = {
     "bert": (1, 128, 384),
+    "dbnet": (1, 2, 256, 256),
     "lstm": (1, 10),
     "mlp": (1, 10),
     "mobilenetv2": (1, 1000),
