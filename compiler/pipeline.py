@@ -22,7 +22,7 @@ from tvm import relax
 
 from targets import TargetDescription
 
-from . import graph_passes
+from . import conv_transpose, graph_passes
 from .errors import CompileError, InputShapeError, KilnError
 from .frontends import ImportedModel, TensorSpec
 
@@ -136,6 +136,8 @@ def prepare(mod: tvm.IRModule, target: TargetDescription) -> tvm.IRModule:
                 # tuple, Unique's unknown rank): keep the model's own layouts, which are always correct
                 log.warning("keeping the model's data layouts: TVM's layout conversion failed (%s)",
                             str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__)
+        if target.family in ("x86", "arm"):  # transposed convolutions as convolutions (compiler/conv_transpose.py)
+            mod = conv_transpose.TransposedConvAsConv(mod)
         return tvm.transform.Sequential(tail, name="kiln.prepare_tail")(mod)
 
 

@@ -22,6 +22,10 @@ crnn          (1, 1, 32, 128)                CRNN text recognizer: 3 conv-bn-rel
                                              max-pooling, columns as a sequence (Shape/Reshape/
                                              Transpose in ONNX), bidirectional LSTM (hidden 64),
                                              linear CTC head, log-softmax -> (32, 1, 37)
+dbnet         (1, 3, 256, 256)               DB-style text detector: conv backbone, FPN with
+                                             ConvTranspose, nearest and bilinear upsampling,
+                                             probability and threshold heads (ConvTranspose x2,
+                                             sigmoid) -> (1, 2, 256, 256)
 efficientnet  (1, 3, 224, 224)               EfficientNet-B0's seven MBConv stages (SiLU,
                                              squeeze-excitation), one block each -> (1, 1000)
 lstm          (1, 10, 16)                    1-layer LSTM (hidden 32, batch_first) + Linear on
@@ -956,6 +960,78 @@ def _streaming_vad_inputs(gen: torch.Generator) -> tuple[Tensor, ...]:
 # Registry
 # --------------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------------
+# dbnet: a DB-style text detector (learned and fixed upsampling)
+# --------------------------------------------------------------------------------------------
+
+
+class DBNet(nn.Module):
+    """A DB-style (differentiable binarization) text detector for a 256x256 image.
+
+    A small conv-bn-relu backbone (strides 4, 8, 16, 32; 24-64 channels); an FPN whose top-down path
+    upsamples with a 2x2 stride-2 ``ConvTranspose2d``, nearest and bilinear resizes, each level
+    smoothed to 16 channels and brought to stride 4 (nearest x4, bilinear x2...), concatenated; and
+    two DB heads, probability and threshold, each conv3x3-bn-relu -> ConvTranspose x2 (bn-relu
+    between) -> sigmoid, back to the input resolution. Output ``(1, 2, 256, 256)``: the probability
+    and threshold maps."""
+
+    def __init__(self, width: int = 64):
+        super().__init__()
+        self.stem = nn.Sequential(_conv_bn_relu(3, 16, stride=2), _conv_bn_relu(16, 24, stride=2))  # /4
+        self.c3 = nn.Sequential(_conv_bn_relu(24, 32, stride=2), _conv_bn_relu(32, 32))  # /8
+        self.c4 = nn.Sequential(_conv_bn_relu(32, 48, stride=2), _conv_bn_relu(48, 48))  # /16
+        self.c5 = nn.Sequential(_conv_bn_relu(48, 64, stride=2), _conv_bn_relu(64, 64))  # /32
+        self.inner = nn.ModuleList(nn.Conv2d(c, width, 1, bias=False) for c in (24, 32, 48, 64))
+        self.up5 = nn.ConvTranspose2d(width, width, 2, stride=2)  # learned upsampling /32 -> /16
+        self.smooth = nn.ModuleList(nn.Conv2d(width, width // 4, 3, padding=1, bias=False) for _ in range(4))
+        self.prob = self._head(width)
+        self.thresh = self._head(width)
+
+    @staticmethod
+    def _head(width: int) -> nn.Sequential:
+        mid = width // 4
+        return nn.Sequential(
+            nn.Conv2d(width, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
+            nn.ConvTranspose2d(mid, mid, 2, stride=2), nn.BatchNorm2d(mid), nn.ReLU(),
+            nn.ConvTranspose2d(mid, 1, 2, stride=2), nn.Sigmoid(),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        import torch.nn.functional as F
+
+        c2 = self.stem(x)
+        c3 = self.c3(c2)
+        c4 = self.c4(c3)
+        c5 = self.c5(c4)
+        in2, in3, in4, in5 = (conv(c) for conv, c in zip(self.inner, (c2, c3, c4, c5)))
+        p4 = in4 + self.up5(in5)
+        p3 = in3 + F.interpolate(p4, scale_factor=2.0, mode="nearest")
+        p2 = in2 + F.interpolate(p3, scale_factor=2.0, mode="bilinear", align_corners=False)
+        s2, s3, s4, s5 = (conv(p) for conv, p in zip(self.smooth, (p2, p3, p4, in5)))
+        fuse = torch.cat([
+            s2,
+            F.interpolate(s3, scale_factor=2.0, mode="bilinear", align_corners=False),
+            F.interpolate(s4, scale_factor=4.0, mode="nearest"),
+            F.interpolate(s5, scale_factor=8.0, mode="nearest"),
+        ], 1)
+        return torch.cat([self.prob(fuse), self.thresh(fuse)], 1)
+
+
+def _build_dbnet(gen: torch.Generator) -> nn.Module:
+    model = DBNet()
+    _init_weights(model, gen)
+    with torch.no_grad():  # transposed convolutions: Kaiming over the taps that reach one output
+        for m in model.modules():
+            if isinstance(m, nn.ConvTranspose2d):
+                fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+                fan_in /= m.stride[0] * m.stride[1]
+                # the heads' last layer feeds a sigmoid: keep its logits around unit scale
+                gain = 0.5 if m.out_channels == 1 else _RELU_GAIN
+                m.weight.normal_(0.0, gain / math.sqrt(fan_in), generator=gen)
+                m.bias.uniform_(-0.1, 0.1, generator=gen)
+    return model
+
+
 _BERT_VOCAB = 8192
 # Example inputs per BatchNorm calibration pass: enough that the statistics also hold for
 # inputs the calibration never saw (one image under-estimates the variance of deep, low-res maps).
@@ -991,6 +1067,7 @@ class _Entry:
 _MODELS: dict[str, _Entry] = {
     "bert": _Entry(_build_bert, lambda gen: (torch.randint(0, _BERT_VOCAB, (1, 128), generator=gen),)),
     "crnn": _Entry(_build_crnn, lambda gen: (torch.randn(1, 1, 32, 128, generator=gen),)),
+    "dbnet": _Entry(_build_dbnet, _image(256)),
     "lstm": _Entry(_plain(LSTMHead), lambda gen: (torch.randn(1, 10, 16, generator=gen),)),
     "mlp": _Entry(_plain(MLP), lambda gen: (torch.randn(1, 64, generator=gen),)),
     "efficientnet": _Entry(_plain(EfficientNet), _image(224)),

@@ -11,6 +11,7 @@ from compiler.errors import KilnError
 EXPECTED_INPUTS = {
     "bert": [((1, 128), torch.int64)],
     "crnn": [((1, 1, 32, 128), torch.float32)],
+    "dbnet": [((1, 3, 256, 256), torch.float32)],
     "efficientnet": [((1, 3, 224, 224), torch.float32)],
     "lstm": [((1, 10, 16), torch.float32)],
     "mlp": [((1, 64), torch.float32)],
@@ -27,6 +28,7 @@ EXPECTED_INPUTS = {
 EXPECTED_OUTPUT = {
     "bert": (1, 128, 384),
     "crnn": (32, 1, 37),
+    "dbnet": (1, 2, 256, 256),
     "efficientnet": (1, 1000),
     "lstm": (1, 10),
     "mlp": (1, 10),

@@ -74,7 +74,7 @@ from targets import TargetDescription
 #: ConvertLayout request: channels-last activations, HWIO weights. Pooling, elementwise ops and
 #: reductions follow their input's layout (their layout inference takes it from the producer), so
 #: activations stay NHWC from the first convolution to the head.
-PREFERRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
+PREFERRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"], "relax.nn.conv2d_transpose": ["NHWC", "IOHW"]}
 
 
 def register_clip_layout_inference() -> None:
