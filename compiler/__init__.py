@@ -48,7 +48,7 @@ def compile(model, target="x86", *, example_inputs=None, input_shapes=None, inpu
 
 def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=None, time_budget=None,
          log_dir="tuning_logs", resume=True, early_stopping=None, progress=None, rpc_tracker=None, rpc_key=None,
-         precision="fp32", calibration=None):
+         precision="fp32", calibration=None, constant_inputs=None):
     """Search schedules for ``model``'s kernels on ``target``; return a ``TuningReport``.
 
     Tasks are the fused kernels ``compile`` builds (same pipeline, so every record applies). The
@@ -85,15 +85,16 @@ def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=
     (cross-compiled for ARM targets) and timed by MetaSchedule's ``RPCRunner`` (``compiler.tuning.rpc``), one measurement worker per
     free device. This is how ARM targets are tuned; without a tracker a cross target is a ``TargetError``.
 
-    ``precision`` and ``calibration``: as for :func:`compile`; tuning runs the very same lowering
-    (``pipeline.lower``), so an fp16 or int8 compile finds the records an fp16 or int8 tuning run wrote.
+    ``precision``, ``calibration`` and ``constant_inputs``: as for :func:`compile`; tuning runs the very
+    same lowering (``pipeline.lower``), so an fp16 or int8 compile finds the records an fp16 or int8
+    tuning run wrote, and a compile with inputs frozen finds those of a tuning run with the same ones.
     """
     from .tuning import tune as _tune
 
     return _tune(model, target, example_inputs=example_inputs, input_shapes=input_shapes, trials=trials,
                  time_budget=time_budget, log_dir=log_dir, resume=resume, early_stopping=early_stopping,
                  progress=progress, rpc_tracker=rpc_tracker, rpc_key=rpc_key, precision=precision,
-                 calibration=calibration)
+                 calibration=calibration, constant_inputs=constant_inputs)
 
 
 def load(path, device: str = "cpu"):

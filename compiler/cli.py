@@ -120,6 +120,13 @@ def _address_arg(text: str) -> str:
     return text
 
 
+def _add_constant_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--constant-input", action="append", type=_constant_arg, default=[], metavar="NAME=VALUE",
+                        help="freeze an input to a value, e.g. sr=16000 (a number, true/false, or 1,2,3 for a 1-D "
+                        "array); the module no longer takes it and what depends on it folds, such as an If on it "
+                        "(repeatable; tune and compile with the same ones so that the records apply)")
+
+
 def _add_precision_args(parser: argparse.ArgumentParser, what: str) -> None:
     """``--precision`` and ``--calibration``, the same for ``compile`` and ``tune`` (``what`` says what the
     precision applies to): a tuning run lowers the model exactly as the compile that uses its records."""
@@ -149,10 +156,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="output .so path (a directory for microcontroller targets: a C library)")
     c.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME:SHAPE",
                    help="fix an input's shape, e.g. input:1x3x224x224 (repeatable)")
-    c.add_argument("--constant-input", action="append", type=_constant_arg, default=[], metavar="NAME=VALUE",
-                   help="freeze an input to a value, e.g. sr=16000 (a number, true/false, or 1,2,3 for a 1-D "
-                   "array); the module no longer takes it and what depends on it folds, such as an If on it "
-                   "(repeatable)")
+    _add_constant_arg(c)
     logs = c.add_mutually_exclusive_group()
     logs.add_argument("--tuning-logs", help="tuning-log directory to take tuned schedules from (default: Kiln's "
                       "shipped records for the target, when it has some)")
@@ -184,6 +188,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("model", help="ONNX file, .pt2 exported program, or zoo:NAME (`zoo:` lists the zoo)")
     i.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME:SHAPE")
     i.add_argument("--target", "-t", default="x86", help="target whose fusion to show (default: x86)")
+    _add_constant_arg(i)
 
     tu = sub.add_parser("tune", help="search schedules for a model's kernels; records go to target-keyed logs",
                         description="Tune MODEL's kernels for a target. Stops at --trials (counting records "
@@ -200,6 +205,7 @@ def _parser() -> argparse.ArgumentParser:
                     "than 1%% for N trials after the warm-up (default with --time-budget: 64 or 8 per kernel, whichever is more; else off; 0: off)")
     tu.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME:SHAPE",
                     help="fix an input's shape, e.g. input:1x3x224x224 (repeatable)")
+    _add_constant_arg(tu)
     tu.add_argument("--restart", action="store_true", help="set existing logs for this target aside and start over")
     _add_precision_args(tu, "tune the kernels of the model compiled at this precision (compile with the same "
                         "--precision and --calibration to use the records)")
@@ -337,7 +343,8 @@ def _cmd_info(args) -> int:
 
         print("zoo models: " + ", ".join(zoo.names()))
         return 0
-    print(info.model_info(args.model, target=args.target, input_shapes=dict(args.input_shape) or None))
+    print(info.model_info(args.model, target=args.target, input_shapes=dict(args.input_shape) or None,
+                          constant_inputs=dict(args.constant_input) or None))
     return 0
 
 
@@ -353,12 +360,14 @@ def _cmd_tune(args) -> int:
                            trials=args.trials, time_budget=args.time_budget, log_dir=args.log_dir,
                            resume=not args.restart, early_stopping=args.early_stopping,
                            rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, precision=args.precision,
-                           calibration=_calibration(args))
+                           calibration=_calibration(args), constant_inputs=dict(args.constant_input) or None)
     print(report)
     logs = report.log_dir.parent  # args.log_dir, or its emulated/ subfolder for emulated devices
     precision = (f" --precision {args.precision}" + (f" --calibration {args.calibration}" if args.calibration else "")
                  if args.precision != "fp32" else "")
-    print(f"then: kiln compile {args.model} --target {args.target}{precision} --tuning-logs {logs} -o MODEL.so")
+    frozen = "".join(f" --constant-input {name}={value}" for name, value in args.constant_input)
+    print(f"then: kiln compile {args.model} --target {args.target}{precision}{frozen} --tuning-logs {logs} "
+          "-o MODEL.so")
     return 0
 
 

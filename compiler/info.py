@@ -6,7 +6,7 @@ from . import native_log
 from .analysis import FLOPS_NOTE, kernel_table, layer_table
 
 
-def model_info(model, *, target="x86", input_shapes=None, example_inputs=None) -> str:
+def model_info(model, *, target="x86", input_shapes=None, example_inputs=None, constant_inputs=None) -> str:
     """A printable report: one row per operator (after graph optimisation), totals, fused kernels."""
     import targets
 
@@ -14,7 +14,8 @@ def model_info(model, *, target="x86", input_shapes=None, example_inputs=None) -
 
     desc = targets.resolve(target)
     with native_log.captured():
-        lowered = pipeline.lower(model, desc, example_inputs=example_inputs, input_shapes=input_shapes)
+        lowered = pipeline.lower(model, desc, example_inputs=example_inputs, input_shapes=input_shapes,
+                                 constant_inputs=constant_inputs)
     imported = lowered.imported
     original = layer_table(imported.mod)
     layers = layer_table(lowered.prepared)

@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import targets
@@ -1039,3 +1040,40 @@ def test_kill_9_during_tuning_then_resume_loses_and_duplicates_nothing(tmp_path)
     assert before <= after, "records written before the kill were lost"
     (summary,) = database.list_logs(log_dir)
     assert summary.records >= 12
+
+
+def _scaled_dense_onnx(path: Path) -> Path:
+    """``y = relu(x @ W) * scale`` with ``scale`` a scalar graph input."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Mul", ["r", "scale"], ["y"])],
+        "scaled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64]),
+                   helper.make_tensor_value_info("scale", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32])], [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.slow
+def test_tuning_with_constant_inputs_gives_records_a_compile_with_them_applies(tmp_path, capsys):
+    """tune and compile run one pipeline, constant inputs included: the kernels of a model with an input
+    frozen are the ones tuned with it frozen (and not the ones of the model without)."""
+    import compiler
+    from compiler.cli import main
+
+    model = _scaled_dense_onnx(tmp_path / "scaled.onnx")
+    logs = tmp_path / "logs"
+    assert main(["tune", str(model), "--constant-input", "scale=0.5", "--trials", "2", "--log-dir", str(logs)]) == 0
+    assert "--constant-input scale=0.5" in capsys.readouterr().out  # the compile command it suggests
+    mod = compiler.compile(str(model), "x86", tuning_logs=logs, constant_inputs={"scale": 0.5})
+    assert mod.meta["untuned_kernels"] == [] and mod.meta["tuned_kernels"]
+    x = np.random.default_rng(1).normal(size=(4, 64)).astype(np.float32)
+    w = np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32)
+    assert_close(mod(x), np.maximum(x @ w, 0) * 0.5)
+    # without the frozen input the fused kernel is another one (it reads scale): no record for it
+    free = compiler.compile(str(model), "x86", tuning_logs=logs)
+    assert free.meta["untuned_kernels"]

@@ -458,14 +458,14 @@ class TuningRun:
 
 def tune(model, target="x86", *, example_inputs=None, input_shapes=None, trials=None, time_budget=None,
          log_dir="tuning_logs", resume=True, early_stopping=None, progress=None, rpc_tracker=None,
-         rpc_key=None, precision="fp32", calibration=None) -> TuningReport:
+         rpc_key=None, precision="fp32", calibration=None, constant_inputs=None) -> TuningReport:
     """See :func:`compiler.tune`."""
     t_start = time.perf_counter()
     desc = targets.resolve(target)
     log_dir = check_tunable(desc, log_dir, rpc_tracker, rpc_key)
     budget = Budget.parse(trials, time_budget, early_stopping)
     name, tasks = lower_to_tasks(model, desc, example_inputs=example_inputs, input_shapes=input_shapes,
-                                 precision=precision, calibration=calibration)
+                                 precision=precision, calibration=calibration, constant_inputs=constant_inputs)
     # One writer per target database: a second tuner on the same logs waits here, then resumes from
     # what the first one wrote (its trial budget counts those records).
     with database.writer_lock(database.target_dir(log_dir, desc), "kiln tune"):
